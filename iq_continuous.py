@@ -1,0 +1,476 @@
+"""IQ: Implicitly Regularized RL with Implicit Q-values, for continuous control (single file).
+
+Paper: Vieillard, Andrychowicz, Raichuk, Pietquin, Geist, "Implicitly Regularized RL with
+Implicit Q-values", AISTATS 2022. Spec: ALGORITHMS.md section 1.
+
+IQ has no Q-network. The Q-value is implicit in a policy network pi_theta and a value network
+V_phi (Eq. 1):
+
+    Q(s, a) = tau * ln pi_theta(a|s) + V_phi(s)
+
+and one regression loss trains both networks (Eq. 2; the (1 - done) mask is left implicit in
+the paper):
+
+    L(theta, phi) = E[(r + alpha*tau*ln pi_theta_bar(a|s) + gamma*(1 - done)*V_phi_bar(s')
+                       - tau*ln pi_theta(a|s) - V_phi(s))^2]
+
+theta_bar and phi_bar are Polyak copies. alpha = 0 is IQ (soft value iteration); alpha > 0 is
+Munchausen-IQ (see miq_continuous.py, which is this file with alpha = 0.9). Theorem 1: one exact
+IQ step is a step of Mirror-Descent VI with KL weight alpha*tau and entropy weight
+(1 - alpha)*tau, so pi_{k+2} is proportional to pi_{k+1}^alpha * exp((r + gamma*P V_k)/tau).
+
+Policy (Section 4): multicategorical. Each of the m action dimensions is discretised into
+n_bins evenly spaced values spanning the env's bounds, both ends included, and
+pi(a|s) = prod_j softmax(F^j(s))[a^j], so ln pi = sum_j log_softmax(F^j(s))[a^j]. We follow
+Section 4 (softmax(F)); the analysis of Section 3.3 writes softmax(F/tau), which only rescales
+the logits. The replay buffer stores bin indices (the loss needs ln pi of the action taken) and
+the env receives the bin values.
+
+Everything else is SAC's (the paper keeps SAC's settings): 256-256 ReLU MLPs, Adam 3e-4,
+batch 256, replay 1M, one gradient step per env step, Polyak rate lambda = 0.005 on both
+networks, tau = 0.01 on MuJoCo.
+
+Ablations (paper, Fig. 2), as flags:
+  --residual         PCL (alpha = 0) / Trust-PCL (alpha > 0): the online V_phi(s') replaces
+                     V_phi_bar(s') and is differentiated (the paper uses tau = 1e-4 there).
+  --policy gaussian  a tanh-squashed Gaussian policy instead of the multicategorical one.
+  --munchausen-clip  clip tau*ln pi_theta_bar in the Munchausen term to [l0, 0] as M-DQN does
+                     (l0 = -1 there); the paper does not say whether IQ clips, so the default
+                     is no clip (Eq. 2 as written). It has no effect when alpha = 0.
+
+Choices of ours (not in the paper): bins include both bounds; the warm-up samples uniform
+random bins; evaluation acts with the most likely bin per dimension (the Gaussian's mean);
+one environment, not a vector env, so the true final observation of a truncated episode is at
+hand: terminations stop bootstrapping, time-limit truncations bootstrap from that observation.
+
+Usage:
+    python iq_continuous.py --env-id Hopper-v5
+    python iq_continuous.py --env-id Pendulum-v1 --total-timesteps 20000 --learning-starts 1000
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanrl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+
+    # Algorithm specific arguments
+    env_id: str = "Hopper-v5"
+    """the id of the environment (any gymnasium env with a bounded Box action space)"""
+    total_timesteps: int = 1000000
+    """total timesteps of the experiment"""
+    buffer_size: int = int(1e6)
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    lam: float = 0.005
+    """Polyak rate lambda of both target networks: x_bar <- (1 - lambda) x_bar + lambda x"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    learning_starts: int = 5000
+    """timestep to start learning; before it, actions are uniform random bins"""
+    learning_rate: float = 3e-4
+    """the learning rate of the Adam optimizer (one optimizer, one loss, both networks)"""
+    tau: float = 0.01
+    """the temperature tau of the implicit Q-value tau*ln pi + V (paper: 0.01 MuJoCo, 0.001 Adroit)"""
+    alpha: float = 0.0
+    """the Munchausen coefficient alpha in [0, 1] (0: IQ, 0.9: M-IQ)"""
+    n_bins: int = 11
+    """number of bins per action dimension of the multicategorical policy"""
+    policy: Literal["multicategorical", "gaussian"] = "multicategorical"
+    """the policy class; `gaussian` is the paper's Gaussian-policy ablation"""
+    residual: bool = False
+    """the residual ablation: online, differentiated V(s') in the target (PCL if alpha = 0, Trust-PCL if alpha > 0)"""
+    munchausen_clip: float | None = None
+    """if set to l0 < 0, clip tau*ln pi_bar in the Munchausen term to [l0, 0] like M-DQN (l0 = -1)"""
+    eval_frequency: int = 10000
+    """run a deterministic evaluation every this many environment steps"""
+    eval_episodes: int = 10
+    """the number of episodes of each deterministic evaluation"""
+    log_frequency: int = 100
+    """log losses and SPS every this many gradient steps"""
+
+
+def check_args(args: Args) -> None:
+    """Stop with a one-line error naming the fix, before anything is built."""
+    if not args.tau > 0:
+        raise SystemExit(f"error: --tau must be > 0 (got {args.tau}); the paper uses 0.01 on MuJoCo")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise SystemExit(f"error: --alpha must be in [0, 1] (got {args.alpha}); use 0 for IQ or 0.9 for M-IQ")
+    if args.n_bins < 2:
+        raise SystemExit(f"error: --n-bins must be at least 2 (got {args.n_bins}); the paper uses 11")
+    if args.munchausen_clip is not None and not args.munchausen_clip < 0:
+        raise SystemExit(f"error: --munchausen-clip must be < 0 (got {args.munchausen_clip}); M-DQN uses -1")
+    if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1:
+        raise SystemExit("error: --batch-size, --total-timesteps and --buffer-size must be positive")
+
+
+def check_action_space(env_id: str, space: gym.Space) -> None:
+    """IQ's policies need a 1-D Box action space with finite bounds."""
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise SystemExit(
+            f"error: {env_id} has action space {space}; this script needs a 1-D continuous Box "
+            "(for discrete actions use soft_dqn_atari.py or soft_a2c_atari.py)"
+        )
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise SystemExit(
+            f"error: {env_id} has unbounded actions {space}; wrap it in gymnasium.wrappers.ClipAction "
+            "or RescaleAction to give it finite bounds"
+        )
+
+
+def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None):
+    env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, video_folder)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden: int = 256) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+    )
+
+
+class ValueNetwork(nn.Module):
+    """V_phi(s): obs -> scalar (the architecture of SAC's critic, without the action input)."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 1)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+def make_bins(low, high, n_bins: int) -> torch.Tensor:
+    """(m, n_bins) evenly spaced action values per dimension, both bounds included exactly."""
+    low = torch.as_tensor(np.asarray(low, dtype=np.float64))
+    high = torch.as_tensor(np.asarray(high, dtype=np.float64))
+    frac = torch.linspace(0.0, 1.0, n_bins, dtype=torch.float64)
+    bins = low[:, None] + (high - low)[:, None] * frac[None, :]
+    bins[:, 0], bins[:, -1] = low, high
+    return bins.float()
+
+
+def multicategorical_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """ln pi(a|s) = sum_j log_softmax(F^j(s))[a^j] (Section 4). logits (B, m, n), idx (B, m) -> (B,)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+class MulticategoricalPolicy(nn.Module):
+    """pi_theta(a|s) = prod_j softmax(F^j(s)): one MLP torso, a last layer of n_bins*m logits.
+
+    A "raw" action is the (m,) vector of bin indices; `to_env` maps it to the bin values."""
+
+    def __init__(self, obs_dim: int, low, high, n_bins: int):
+        super().__init__()
+        self.m, self.n_bins = len(low), n_bins
+        self.net = mlp(obs_dim, self.m * n_bins)
+        self.register_buffer("bins", make_bins(low, high, n_bins))
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).view(-1, self.m, self.n_bins)
+
+    def log_prob(self, obs: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return multicategorical_log_prob(self.logits(obs), raw.long())
+
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.distributions.Categorical(logits=self.logits(obs)).sample()
+
+    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.logits(obs).argmax(-1)
+
+    def random(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.n_bins, (n, self.m), device=self.bins.device)
+
+    def to_env(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.bins[torch.arange(self.m, device=raw.device), raw.long()]
+
+
+class GaussianPolicy(nn.Module):
+    """The Gaussian ablation: a tanh-squashed Gaussian (SAC's policy network and log-std range).
+
+    A "raw" action is the pre-tanh sample u; ln pi is the density of the squashed action
+    a = tanh(u)*scale + bias, so the implicit Q-value lives in action space as in Eq. (1)."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+    def __init__(self, obs_dim: int, low, high):
+        super().__init__()
+        self.m = len(low)
+        self.net = mlp(obs_dim, 2 * self.m)
+        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("scale", (high - low) / 2.0)
+        self.register_buffer("bias", (high + low) / 2.0)
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        log_std = torch.tanh(log_std)
+        log_std = self.LOG_STD_MIN + 0.5 * (self.LOG_STD_MAX - self.LOG_STD_MIN) * (log_std + 1)
+        return torch.distributions.Normal(mean, log_std.exp())
+
+    def log_prob(self, obs: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        # ln(1 - tanh(u)^2) = 2*(ln 2 - u - softplus(-2u)), the stable form of the tanh Jacobian
+        log_det = (2.0 * (np.log(2.0) - raw - F.softplus(-2.0 * raw)) + torch.log(self.scale)).sum(-1)
+        return self.dist(obs).log_prob(raw).sum(-1) - log_det
+
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).sample()
+
+    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).mean
+
+    def random(self, n: int) -> torch.Tensor:
+        u = torch.rand(n, self.m, device=self.scale.device) * 2.0 - 1.0
+        return torch.atanh(u.clamp(-0.999, 0.999))
+
+    def to_env(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(raw) * self.scale + self.bias
+
+
+def make_policy(kind: str, obs_dim: int, low, high, n_bins: int) -> nn.Module:
+    if kind == "gaussian":
+        return GaussianPolicy(obs_dim, low, high)
+    return MulticategoricalPolicy(obs_dim, low, high, n_bins)
+
+
+class ReplayBuffer:
+    """Preallocated FIFO storage of (s, raw action, r, s', terminated) as CPU tensors."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.capacity, self.size, self.pos = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.actions = torch.zeros(capacity, act_dim)  # bin indices are exact in float32
+        self.rewards = torch.zeros(capacity)
+        self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
+
+    def add(self, obs, raw_action, reward, next_obs, terminated) -> None:
+        i = self.pos
+        self.obs[i] = torch.as_tensor(obs)
+        self.next_obs[i] = torch.as_tensor(next_obs)
+        self.actions[i] = raw_action
+        self.rewards[i] = float(reward)
+        self.dones[i] = float(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, device: torch.device):
+        idx = torch.randint(0, self.size, (batch_size,))
+        batch = (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx])
+        return tuple(x.to(device, non_blocking=True) for x in batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and target (pure functions: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def iq_target(rewards, dones, log_pi_target, v_next, gamma: float, tau: float, alpha: float, l0=None):
+    """The regression target of Eq. (2): r + alpha*tau*ln pi_bar(a|s) + gamma*(1 - done)*V(s').
+
+    `dones` is 1 for terminations only: a time-limit truncation still bootstraps from V(s').
+    `l0` optionally clips tau*ln pi_bar to [l0, 0] (M-DQN's clip). The caller decides whether
+    V(s') is the target network (IQ) or the online one with gradient (--residual, PCL)."""
+    munchausen = tau * log_pi_target
+    if l0 is not None:
+        munchausen = munchausen.clamp(l0, 0.0)
+    return rewards + alpha * munchausen + gamma * (1.0 - dones) * v_next
+
+
+def iq_loss(log_pi, v, target, tau: float):
+    """Eq. (2): mean squared error between the implicit Q (Eq. 1) tau*ln pi(a|s) + V(s) and the target."""
+    return (target - (tau * log_pi + v)).pow(2).mean()
+
+
+@torch.no_grad()
+def evaluate_policy(policy: nn.Module, env: gym.Env, n_episodes: int, device: torch.device, seed: int) -> np.ndarray:
+    """Returns of `n_episodes` episodes acting with the most likely action (the policy's mode)."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < n_episodes:
+        raw = policy.mode(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+        obs, _, terminated, truncated, info = env.step(policy.to_env(raw)[0].cpu().numpy())
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return np.array(returns)
+
+
+def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Reload a model written by --save-model and return its deterministic evaluation returns."""
+    checkpoint = torch.load(model_path, map_location=device)
+    env = make_env(env_id, seed)
+    saved = checkpoint["args"]
+    policy = make_policy(
+        saved["policy"], env.observation_space.shape[0], env.action_space.low, env.action_space.high, saved["n_bins"]
+    ).to(device)
+    policy.load_state_dict(checkpoint["policy"])
+    return evaluate_policy(policy, env, eval_episodes, torch.device(device), seed)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}")
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    policy = make_policy(args.policy, obs_dim, low, high, args.n_bins).to(device)
+    value = ValueNetwork(obs_dim).to(device)
+    policy_target = make_policy(args.policy, obs_dim, low, high, args.n_bins).to(device)
+    value_target = ValueNetwork(obs_dim).to(device)
+    policy_target.load_state_dict(policy.state_dict())
+    value_target.load_state_dict(value.state_dict())
+    online_params = list(policy.parameters()) + list(value.parameters())
+    target_params = list(policy_target.parameters()) + list(value_target.parameters())
+    optimizer = torch.optim.Adam(online_params, lr=args.learning_rate)  # one loss, one optimizer
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    print(
+        f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} x {args.policy}"
+        f"{f' ({args.n_bins} bins)' if args.policy == 'multicategorical' else ''}, tau={args.tau}, "
+        f"alpha={args.alpha}, device={device}, logging to runs/{run_name}"
+    )
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    last_return = float("nan")
+    for global_step in range(args.total_timesteps):
+        # ---- act: uniform random bins during the warm-up, then sample pi_theta ----
+        if global_step < args.learning_starts:
+            raw = policy.random(1)
+        else:
+            with torch.no_grad():
+                raw = policy.sample(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+        next_obs, reward, terminated, truncated, info = env.step(policy.to_env(raw)[0].cpu().numpy())
+        # next_obs is the true last observation also at a truncation: the target bootstraps from it
+        rb.add(obs, raw[0].cpu(), reward, next_obs, terminated)
+        obs = next_obs
+        if terminated or truncated:
+            last_return = float(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            obs, _ = env.reset()
+
+        # ---- learn: one gradient step of Eq. (2) per env step ----
+        if global_step >= args.learning_starts:
+            b_obs, b_raw, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
+            with torch.no_grad():
+                if args.alpha > 0:
+                    log_pi_target = policy_target.log_prob(b_obs, b_raw)
+                else:
+                    log_pi_target = torch.zeros_like(b_rewards)
+                v_next = value_target(b_next_obs)
+            if args.residual:  # PCL / Trust-PCL: online V(s'), differentiated
+                v_next = value(b_next_obs)
+            y = iq_target(
+                b_rewards, b_dones, log_pi_target, v_next, args.gamma, args.tau, args.alpha, args.munchausen_clip
+            )
+            log_pi, v = policy.log_prob(b_obs, b_raw), value(b_obs)
+            loss = iq_loss(log_pi, v, y, args.tau)
+            if not torch.isfinite(loss):
+                raise SystemExit(
+                    f"error: the IQ loss is {loss.item()} at step {global_step}: training diverged; "
+                    "try a smaller --learning-rate or a larger --tau"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # Polyak averaging of both target networks
+                torch._foreach_lerp_(target_params, online_params, args.lam)
+
+            if global_step % args.log_frequency == 0:
+                with torch.no_grad():
+                    tau_log_pi = args.tau * log_pi
+                writer.add_scalar("losses/iq_loss", loss.item(), global_step)
+                writer.add_scalar("losses/v_values", v.mean().item(), global_step)
+                writer.add_scalar("losses/tau_log_pi", tau_log_pi.mean().item(), global_step)
+                writer.add_scalar("losses/implicit_q_values", (tau_log_pi + v).mean().item(), global_step)
+                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
+            returns = evaluate_policy(policy, eval_env, args.eval_episodes, device, args.seed + 10_000)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            sps = int((global_step + 1) / (time.time() - start_time))
+            print(
+                f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
+                f"+- {returns.std():.1f}, last train return {last_return:.1f}, SPS {sps}",
+                flush=True,
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"args": vars(args), "policy": policy.state_dict(), "value": value.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+        returns = evaluate(model_path, args.env_id, args.eval_episodes, args.seed + 20_000, str(device))
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    env.close()
+    eval_env.close()
+    writer.close()
