@@ -227,20 +227,8 @@ def test_alpha0_small_tau_approaches_value_iteration(iq):
 # ---------------------------------------------------------------------------------------------
 # Plumbing: short real runs
 # ---------------------------------------------------------------------------------------------
-SHORT = [
-    "--total-timesteps",
-    300,
-    "--learning-starts",
-    100,
-    "--batch-size",
-    32,
-    "--log-frequency",
-    20,
-    "--eval-frequency",
-    300,
-    "--eval-episodes",
-    2,
-]
+SHORT = "--total-timesteps 300 --learning-starts 100 --batch-size 32 --log-frequency 20 --eval-frequency 300".split()
+SHORT += ["--eval-episodes", "2"]
 
 
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
@@ -303,25 +291,8 @@ def test_bad_input_stops_before_training(script, flags, names, workdir):
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
 def test_learns_pendulum_within_20k_steps(script, workdir):
     """A random policy scores about -1200 and a broken loss stays far below -300 (see README)."""
-    proc = run_script(
-        script,
-        [
-            "--env-id",
-            "Pendulum-v1",
-            "--seed",
-            1,
-            "--total-timesteps",
-            20_000,
-            "--learning-starts",
-            1000,
-            "--eval-frequency",
-            5000,
-            "--eval-episodes",
-            10,
-        ],
-        workdir,
-        timeout=900,
-    )
+    flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 20000 --learning-starts 1000 --eval-frequency 5000"
+    proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = read_scalars(workdir)["eval/episodic_return"]
     assert evals[-1][0] == 19_999

@@ -1,0 +1,237 @@
+"""Tests of xql_sac.py and xql_td3.py (ALGORITHMS.md section 2, Garg et al. 2023)."""
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, read_scalars, run_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+MODULES = ["xql_sac", "xql_td3"]
+
+
+@pytest.fixture(params=MODULES)
+def xql(request):
+    return importlib.import_module(request.param)
+
+
+def plain_gumbel_loss(pred, target, beta):
+    """The textbook form of Eq. (7/11), written independently of the scripts: mean(exp(z) - z - 1)."""
+    z = (target - pred) / beta
+    return (torch.exp(z) - z - 1).mean()
+
+
+def minimiser(loss_fn, y, lo, hi, iters=200):
+    """The constant prediction p where d loss(p)/dp = 0, by bisection on the gradient's sign (the
+    loss is convex in p, so the gradient is increasing). This is the point gradient descent on the
+    loss converges to, whatever per-batch scale the loss puts on its gradient."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        p = torch.full_like(y, mid, requires_grad=True)
+        loss_fn(p, y).backward()
+        if p.grad.sum() > 0:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 10.0, 100.0])
+def test_lemma_3_2_gumbel_regression_recovers_the_log_partition(xql, beta):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2000, generator=g, dtype=torch.float64) * 2 + 1
+    expected = (beta * (torch.logsumexp(y / beta, 0) - math.log(len(y)))).item()  # beta ln mean exp(y/beta)
+    lo, hi = y.min().item() - 1, y.max().item() + 1
+    p_stable = minimiser(lambda p, t: xql.gumbel_loss(p, t, beta, None), y, lo, hi)
+    p_plain = minimiser(lambda p, t: plain_gumbel_loss(p, t, beta), y, lo, hi)
+    assert p_stable == pytest.approx(expected, abs=1e-3)
+    assert p_plain == pytest.approx(p_stable, abs=1e-6)  # the stable form keeps the plain form's minimiser
+    # Lemma 3.1: max - beta ln N <= p* <= max, so small beta -> the max; large beta -> the mean
+    # (for large beta, p* = mean + var/(2 beta) + O(1/beta^2))
+    assert y.max().item() - beta * math.log(len(y)) - 1e-9 <= p_stable <= y.max().item()
+    if beta <= 0.01:
+        assert p_stable == pytest.approx(y.max().item(), abs=0.1)
+    if beta >= 100:
+        assert p_stable == pytest.approx(y.mean().item() + y.var().item() / (2 * beta), abs=0.01)
+
+
+def test_stable_loss_is_the_plain_loss_times_a_batch_constant(xql):
+    torch.manual_seed(0)
+    pred, target = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64) * 3
+    beta = 0.7
+    z = (target - pred) / beta
+    m = max(z.max().item(), -1.0)
+    stable = xql.gumbel_loss(pred, target, beta, None)
+    assert stable.item() == pytest.approx(math.exp(-m) * plain_gumbel_loss(pred, target, beta).item(), rel=1e-10)
+    # zero loss (and zero gradient) at a perfect prediction
+    p = target.clone().requires_grad_(True)
+    loss = xql.gumbel_loss(p, target, beta, 8.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert p.grad.abs().max().item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gumbel_loss_penalises_underestimates_exponentially(xql):
+    """Asymmetry that makes it a soft max: predicting 2 below the target costs more than 2 above."""
+    target = torch.zeros(1)
+    below = xql.gumbel_loss(torch.tensor([-2.0]), target, 1.0, None).item() / math.exp(-2.0)  # undo exp(-m)
+    above = xql.gumbel_loss(torch.tensor([2.0]), target, 1.0, None).item() / math.exp(1.0)
+    assert below == pytest.approx(math.exp(2) - 3) and above == pytest.approx(math.exp(-2) + 1)
+    assert below > above
+
+
+def test_clipped_samples_get_no_gradient(xql):
+    pred = torch.zeros(3, requires_grad=True)
+    target = torch.tensor([100.0, 0.5, -100.0])
+    xql.gumbel_loss(pred, target, 1.0, 5.0).backward()
+    assert pred.grad[0].item() == 0.0 and pred.grad[2].item() == 0.0 and pred.grad[1].item() != 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    residuals=st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=64),
+    log_beta=st.floats(math.log(1e-3), math.log(1e3)),
+    clip=st.floats(0.1, 50.0),
+    module=st.sampled_from(MODULES),
+)
+def test_stable_loss_and_gradient_stay_finite(residuals, log_beta, clip, module):
+    xql = importlib.import_module(module)
+    target = torch.tensor(residuals, dtype=torch.float32)
+    pred = torch.zeros_like(target, requires_grad=True)
+    loss = xql.gumbel_loss(pred, target, math.exp(log_beta), clip)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() >= 0
+    assert torch.isfinite(pred.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets on hand-made tensors
+# ---------------------------------------------------------------------------------------------
+R = torch.tensor([1.0, -2.0, 0.5])
+D = torch.tensor([0.0, 1.0, 0.0])  # a normal step, a termination, a time-limit truncation (done = 0)
+
+
+def test_xtd3_target_with_and_without_double_q():
+    from xql_td3 import xtd3_target
+
+    q1, q2 = torch.tensor([10.0, 5.0, 3.0]), torch.tensor([8.0, 7.0, 4.0])
+    # double Q: min = [8, 5, 3]; y = r + .9 (1 - d) min = [1 + 7.2, -2, .5 + 2.7]
+    torch.testing.assert_close(xtd3_target(R, D, q1, q2, 0.9, True), torch.tensor([8.2, -2.0, 3.2]))
+    # X-TD3 - DQ: one critic, y = r + .9 (1 - d) q1 = [1 + 9, -2, .5 + 2.7]
+    torch.testing.assert_close(xtd3_target(R, D, q1, q2, 0.9, False), torch.tensor([10.0, -2.0, 3.2]))
+
+
+def test_xsac_critic_and_value_targets():
+    from xql_sac import critic_target, value_target
+
+    v_next = torch.tensor([4.0, 100.0, -2.0])
+    # r + .9 (1 - d) V_bar(s'): the termination ignores V(s'), the truncation bootstraps
+    torch.testing.assert_close(critic_target(R, D, v_next, 0.9), torch.tensor([4.6, -2.0, -1.3]))
+    q1, q2, log_pi = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 5.0, 4.0]), torch.tensor([-1.0, 0.5, -2.0])
+    # X-SAC: the min of the critics at policy actions, no entropy term
+    torch.testing.assert_close(value_target(q1, q2, log_pi, 0.2, "gumbel"), torch.tensor([0.0, 2.0, 3.0]))
+    # SAC: min Q - alpha ln pi
+    torch.testing.assert_close(value_target(q1, q2, log_pi, 0.2, "sac"), torch.tensor([0.2, 1.9, 3.4]))
+
+
+def test_xsac_value_network_learns_the_soft_value_of_the_policy_samples():
+    """Gumbel regression of V on min Q(s, a~pi) gives beta ln E_pi exp(Q/beta): the soft value, and for
+    a Gaussian Q-sample distribution N(mu, s^2), exactly mu + s^2/(2 beta) (the log-normal mean)."""
+    from xql_sac import gumbel_loss
+
+    torch.manual_seed(0)
+    mu, s, beta = 3.0, 1.5, 2.0
+    q_samples = mu + s * torch.randn(200_000, dtype=torch.float64)
+    v = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        gumbel_loss(v.expand(4096), q_samples[torch.randint(0, len(q_samples), (4096,))], beta, 8.0).backward()
+        opt.step()
+    assert v.item() == pytest.approx(mu + s**2 / (2 * beta), abs=0.05)  # 3.5625, not the mean 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: short real runs, bad input
+# ---------------------------------------------------------------------------------------------
+SHORT = "--total-timesteps 300 --learning-starts 100 --batch-size 32 --log-frequency 20 --eval-frequency 300".split()
+SHORT += ["--eval-episodes", "2"]
+COMMON_TAGS = [
+    "charts/episodic_return",
+    "charts/SPS",
+    "losses/qf1_loss",
+    "losses/qf1_values",
+    "losses/max_z",
+    "losses/actor_loss",
+    "eval/episodic_return",
+    "eval/reloaded_episodic_return",
+]
+EXTRA_TAGS = {
+    "xql_sac.py": ["losses/value_loss", "losses/v_values", "losses/alpha", "losses/qf2_loss"],
+    "xql_td3.py": ["losses/qf2_loss", "losses/target_values"],
+}
+
+
+@pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
+def test_end_to_end_hopper_logs_saves_and_reloads(script, workdir):
+    proc = run_script(script, ["--env-id", "Hopper-v5", "--save-model", "--seed", 3, *SHORT], workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(workdir)
+    for tag in COMMON_TAGS + EXTRA_TAGS[script]:
+        assert scalars.get(tag), f"{tag} was not logged"
+        assert all(math.isfinite(v) for _, v in scalars[tag] if tag != "losses/actor_loss")
+    (model,) = list(workdir.glob("runs/*/*.cleanrl_model"))
+    returns = importlib.import_module(script[:-3]).evaluate(str(model), "Hopper-v5", eval_episodes=2, seed=3 + 20_000)
+    np.testing.assert_allclose(returns, [v for _, v in scalars["eval/reloaded_episodic_return"]], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "script, flags, absent",
+    [
+        ("xql_sac.py", ["--value-loss", "sac"], []),
+        ("xql_td3.py", ["--no-double-q"], ["losses/qf2_loss"]),
+        ("xql_td3.py", ["--critic-loss", "mse"], []),
+    ],
+)
+def test_baseline_and_ablation_flags_run(script, flags, absent, workdir):
+    proc = run_script(script, ["--env-id", "Pendulum-v1", *flags, *SHORT], workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(workdir)
+    assert len(scalars["losses/qf1_loss"]) >= 5 and all(math.isfinite(v) for _, v in scalars["losses/qf1_loss"])
+    for tag in absent:
+        assert tag not in scalars
+
+
+@pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--env-id", "CartPole-v1"], ["CartPole-v1", "continuous"]),
+        (["--beta", 0], ["--beta", "> 0"]),
+        (["--beta", -1], ["--beta"]),
+        (["--exp-clip", 0], ["--exp-clip", "> 0"]),
+        (["--exp-clip", -3], ["--exp-clip"]),
+    ],
+)
+def test_bad_input_stops_before_training(script, flags, names, workdir):
+    proc = run_script(script, flags, workdir, timeout=120)
+    assert_one_line_error(proc, *names)
+    assert not (workdir / "runs").exists(), "no run may start on bad input"
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning, for real
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.learning
+@pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
+def test_learns_pendulum_within_20k_steps(script, workdir):
+    """A random policy scores about -1200 on Pendulum-v1; the threshold is -300 (10 episodes)."""
+    flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 20000 --learning-starts 1000 --eval-frequency 5000"
+    proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = read_scalars(workdir)["eval/episodic_return"]
+    assert evals[-1][0] == 19_999
+    assert evals[-1][1] >= -300, f"final deterministic eval return {evals[-1][1]:.1f} < -300; all: {evals}"

@@ -1,0 +1,479 @@
+"""X-SAC: Soft Actor-Critic with a Gumbel-regressed soft value (Extreme Q-Learning), single file.
+
+Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023.
+Spec: ALGORITHMS.md section 2 (the paper's text in ../shared/papers lost its equations).
+
+Gumbel regression (Eq. 7/11). For a prediction p of a target y and a temperature beta,
+z = (y - p)/beta and L(z) = exp(z) - z - 1. By Lemma 3.2 the minimiser over a constant p is
+p* = beta * ln E[exp(y/beta)], the soft maximum of the targets: near the max for small beta,
+near the mean for large beta. X-SAC uses it to estimate the soft value without an entropy term:
+
+  critics   Q_i(s, a)  <-  r + gamma * (1 - done) * V_bar(s')           squared error, no log-prob
+  value     V(s)       <-  min_i Q_i(s, a~pi(.|s))                      Gumbel loss (online critics,
+                                                                        fresh policy samples, detached)
+  actor     min  E[alpha_sac * ln pi(a|s) - min_i Q_i(s, a)]            exactly as SAC
+  alpha_sac          automatic tuning to the target entropy -dim(A)     exactly as SAC
+
+Order per step: critics, value, actor and temperature, Polyak targets. V_bar is the Polyak copy of
+V (the critics have no target networks of their own: their target is V_bar).
+
+`--value-loss sac` turns the value loss back into SAC's (Haarnoja et al. 2018, the version with a
+value network): V(s) <- min_i Q_i(s, a~pi) - alpha_sac * ln pi(a|s), squared error. The rest of
+the file is unchanged, so X-SAC and SAC can be compared from one script.
+
+The stable Gumbel loss (paper App. D.3): clip z to [-c, c] and factor out exp(m) with
+m = max(max_batch z, -1) (detached), which rescales the loss of each batch by exp(-m) and keeps
+the gradients bounded; the derivation of why the minimiser is unchanged is in `gumbel_loss`.
+
+Defaults follow CleanRL's sac_continuous_action.py (256-256 MLPs, policy lr 3e-4, critic and
+value lr 1e-3, batch 256, 5000 random steps, actor every 2 steps, autotuned alpha) so results
+compare with it. beta = 2 and the paper's exp clip 8 (the authors' code uses 10). The paper's
+DM-Control settings (batch 1024, lr 1e-4, 1024-1024 networks, beta 1-5 per env) are listed in
+the README. Terminations end bootstrapping; time-limit truncations bootstrap from the true last
+observation (one env, not a vector env, keeps it at hand).
+
+Usage:
+    python xql_sac.py --env-id Hopper-v5
+    python xql_sac.py --env-id Hopper-v5 --value-loss sac      # SAC with a value network
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanrl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+
+    # Algorithm specific arguments
+    env_id: str = "Hopper-v5"
+    """the id of the environment (any gymnasium env with a bounded Box action space)"""
+    total_timesteps: int = 1000000
+    """total timesteps of the experiments"""
+    buffer_size: int = int(1e6)
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    lam: float = 0.005
+    """Polyak rate lambda of the target value network (CleanRL's `tau`; tau is not a temperature here)"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    learning_starts: int = 5000
+    """timestep to start learning; before it, actions are uniform random"""
+    policy_lr: float = 3e-4
+    """the learning rate of the policy network optimizer"""
+    q_lr: float = 1e-3
+    """the learning rate of the critic and value network optimizers"""
+    hidden_size: int = 256
+    """width of the two hidden layers of every network (paper, DM-Control: 1024)"""
+    policy_frequency: int = 2
+    """the frequency of the actor and temperature updates (delayed, done this many times to compensate)"""
+    target_network_frequency: int = 1
+    """the frequency of updates of the target value network"""
+    alpha: float = 0.2
+    """initial entropy temperature alpha_sac (fixed if --no-autotune)"""
+    autotune: bool = True
+    """automatic tuning of alpha_sac to the target entropy -dim(A)"""
+    value_loss: Literal["gumbel", "sac"] = "gumbel"
+    """`gumbel`: X-SAC (Gumbel regression on min Q); `sac`: SAC's MSE on min Q - alpha_sac ln pi"""
+    beta: float = 2.0
+    """the Gumbel regression temperature beta (paper: 1-5 per env)"""
+    exp_clip: float = 8.0
+    """clip of the normalised residual z = (y - V)/beta to [-c, c] in the Gumbel loss (paper: 8)"""
+    eval_frequency: int = 10000
+    """run a deterministic evaluation (the policy's mean action) every this many environment steps"""
+    eval_episodes: int = 10
+    """the number of episodes of each deterministic evaluation"""
+    log_frequency: int = 100
+    """log losses and SPS every this many steps"""
+
+
+def check_args(args: Args) -> None:
+    """Stop with a one-line error naming the fix, before anything is built."""
+    if not args.beta > 0:
+        raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 1-5 for X-SAC")
+    if not args.exp_clip > 0:
+        raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8")
+    if not args.alpha >= 0:
+        raise SystemExit(f"error: --alpha must be >= 0 (got {args.alpha}); CleanRL's SAC starts at 0.2")
+    if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1 or args.policy_frequency < 1:
+        raise SystemExit(
+            "error: --batch-size, --total-timesteps, --buffer-size and --policy-frequency must be positive"
+        )
+
+
+def check_action_space(env_id: str, space: gym.Space) -> None:
+    """The tanh-Gaussian policy needs a 1-D Box action space with finite bounds."""
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise SystemExit(
+            f"error: {env_id} has action space {space}; this script needs a 1-D continuous Box "
+            "(for discrete actions use soft_dqn_atari.py or soft_a2c_atari.py)"
+        )
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise SystemExit(
+            f"error: {env_id} has unbounded actions {space}; wrap it in gymnasium.wrappers.ClipAction "
+            "or RescaleAction to give it finite bounds"
+        )
+
+
+def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None):
+    env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, video_folder)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+    )
+
+
+class SoftQNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class ValueNetwork(nn.Module):
+    def __init__(self, obs_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """SAC's tanh-squashed Gaussian policy, its log-std squashed into [-5, 2]."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+    def __init__(self, obs_dim: int, low, high, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * len(low), hidden)
+        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def get_action(self, obs: torch.Tensor):
+        """A reparameterised sample, its log-probability (with the tanh Jacobian), and the mean action."""
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        log_std = self.LOG_STD_MIN + 0.5 * (self.LOG_STD_MAX - self.LOG_STD_MIN) * (torch.tanh(log_std) + 1)
+        normal = torch.distributions.Normal(mean, log_std.exp())
+        u = normal.rsample()
+        # ln(1 - tanh(u)^2) = 2*(ln 2 - u - softplus(-2u)), the stable form of the tanh Jacobian
+        log_det = (2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u)) + torch.log(self.action_scale)).sum(-1)
+        log_prob = normal.log_prob(u).sum(-1) - log_det
+        action = torch.tanh(u) * self.action_scale + self.action_bias
+        return action, log_prob, torch.tanh(mean) * self.action_scale + self.action_bias
+
+
+class ReplayBuffer:
+    """Preallocated FIFO storage of (s, a, r, s', terminated) as CPU tensors."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.capacity, self.size, self.pos = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.actions = torch.zeros(capacity, act_dim)
+        self.rewards = torch.zeros(capacity)
+        self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
+
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        i = self.pos
+        self.obs[i] = torch.as_tensor(obs)
+        self.next_obs[i] = torch.as_tensor(next_obs)
+        self.actions[i] = torch.as_tensor(action)
+        self.rewards[i] = float(reward)
+        self.dones[i] = float(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, device: torch.device):
+        idx = torch.randint(0, self.size, (batch_size,))
+        batch = (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx])
+        return tuple(x.to(device, non_blocking=True) for x in batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and targets (pure functions: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None) -> torch.Tensor:
+    """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable max-normalised form (App. D.3).
+
+    With z = (target - pred)/beta, the plain loss is mean(exp(z) - z - 1): convex in pred,
+    zero at z = 0, about z^2/2 near it, minimised over a constant pred at beta*ln mean exp(target/beta)
+    (Lemma 3.2). Its exp overflows for large z, so with m = max(max_batch z, -1), detached,
+        exp(z - m) - z*exp(-m) - exp(-m) = exp(-m) * (exp(z) - z - 1).
+    Why the minimiser is kept: within a batch exp(-m) is one positive constant that carries no
+    gradient, so the gradient is exp(-m) times the plain gradient mean(1 - exp(z))/beta: it has
+    the same sign everywhere and the same zeros, hence the same full-batch minimiser. The scale
+    exp(-m) <= e keeps every term bounded (exp(z - m) <= 1), and across minibatches it acts as
+    an adaptive learning rate. z is first clipped to [-clip, clip] (the online authors' code);
+    clipped samples get no gradient. clip=None skips the clip.
+    """
+    z = (target - pred) / beta
+    if clip is not None:
+        z = z.clamp(-clip, clip)
+    m = z.max().detach().clamp(min=-1.0)
+    return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
+
+
+def critic_target(rewards, dones, v_next, gamma: float):
+    """X-SAC's critic target r + gamma*(1 - done)*V_bar(s'); done = 1 for terminations only."""
+    return rewards + gamma * (1.0 - dones) * v_next
+
+
+def value_target(q1_pi, q2_pi, log_pi, alpha_sac, value_loss: str):
+    """The value network's regression target at fresh policy actions a ~ pi(.|s).
+
+    X-SAC (`gumbel`): min_i Q_i(s, a); the Gumbel loss turns it into a soft maximum, no entropy term.
+    SAC (`sac`): min_i Q_i(s, a) - alpha_sac * ln pi(a|s) (Haarnoja et al. 2018, value-network SAC)."""
+    min_q = torch.min(q1_pi, q2_pi)
+    return min_q if value_loss == "gumbel" else min_q - alpha_sac * log_pi
+
+
+def value_loss_fn(v, target, value_loss: str, beta: float, clip: float):
+    return gumbel_loss(v, target, beta, clip) if value_loss == "gumbel" else F.mse_loss(v, target)
+
+
+@torch.no_grad()
+def evaluate_policy(actor: Actor, env: gym.Env, n_episodes: int, device: torch.device, seed: int) -> np.ndarray:
+    """Returns of `n_episodes` episodes acting with the policy's mean action."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < n_episodes:
+        _, _, mean_action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+        obs, _, terminated, truncated, info = env.step(mean_action[0].cpu().numpy())
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return np.array(returns)
+
+
+def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Reload a model written by --save-model and return its deterministic evaluation returns."""
+    checkpoint = torch.load(model_path, map_location=device)
+    env = make_env(env_id, seed)
+    actor = Actor(
+        env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
+    ).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}")
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = Actor(obs_dim, env.action_space.low, env.action_space.high, args.hidden_size).to(device)
+    qf1 = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
+    qf2 = SoftQNetwork(obs_dim, act_dim, args.hidden_size).to(device)
+    vf = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    vf_target = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    vf_target.load_state_dict(vf.state_dict())
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.q_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    if args.autotune:
+        target_entropy = -float(act_dim)
+        log_alpha = torch.tensor([float(np.log(max(args.alpha, 1e-8)))], device=device, requires_grad=True)
+        alpha = log_alpha.exp().item()
+        a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
+    else:
+        alpha = args.alpha
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    print(
+        f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim}, value loss {args.value_loss}"
+        f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.value_loss == 'gumbel' else ''}, "
+        f"device={device}, logging to runs/{run_name}"
+    )
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    last_return, actor_loss, alpha_loss = float("nan"), torch.tensor(float("nan")), torch.tensor(float("nan"))
+    for global_step in range(args.total_timesteps):
+        if global_step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action, _, _ = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+            action = action[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # next_obs is the true last observation also at a truncation: the target bootstraps from it
+        rb.add(obs, action, reward, next_obs, terminated)
+        obs = next_obs
+        if terminated or truncated:
+            last_return = float(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            obs, _ = env.reset()
+
+        if global_step >= args.learning_starts:
+            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
+            # ---- critics: squared error to r + gamma(1 - done) V_bar(s') ----
+            with torch.no_grad():
+                q_target = critic_target(b_rewards, b_dones, vf_target(b_next_obs), args.gamma)
+            qf1_a, qf2_a = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+            qf1_loss, qf2_loss = F.mse_loss(qf1_a, q_target), F.mse_loss(qf2_a, q_target)
+            q_optimizer.zero_grad(set_to_none=True)
+            (qf1_loss + qf2_loss).backward()
+            q_optimizer.step()
+
+            # ---- value: Gumbel regression on min_i Q_i(s, a ~ pi), online critics just updated ----
+            # The same fresh sample and critic values serve the first actor update below (the value
+            # step changes neither actor nor critics), so they keep their graph on actor steps.
+            actor_step = global_step % args.policy_frequency == 0
+            with torch.set_grad_enabled(actor_step):
+                pi, log_pi, _ = actor.get_action(b_obs)
+                q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
+            v_target = value_target(q1_pi.detach(), q2_pi.detach(), log_pi.detach(), alpha, args.value_loss)
+            v = vf(b_obs)
+            v_loss = value_loss_fn(v, v_target, args.value_loss, args.beta, args.exp_clip)
+            v_optimizer.zero_grad(set_to_none=True)
+            v_loss.backward()
+            v_optimizer.step()
+            if not (torch.isfinite(v_loss) and torch.isfinite(qf1_loss) and torch.isfinite(qf2_loss)):
+                raise SystemExit(
+                    f"error: a loss is not finite at step {global_step} (value {v_loss.item()}, critics "
+                    f"{qf1_loss.item()}, {qf2_loss.item()}): training diverged; try a larger --beta or a "
+                    "smaller --exp-clip"
+                )
+
+            # ---- actor and temperature, exactly as SAC (delayed, TD3-style) ----
+            if actor_step:
+                for i in range(args.policy_frequency):
+                    if i > 0:  # CleanRL repeats the delayed update, each time with a fresh sample
+                        pi, log_pi, _ = actor.get_action(b_obs)
+                        q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
+                    actor_loss = (alpha * log_pi - torch.min(q1_pi, q2_pi)).mean()
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    actor_loss.backward()
+                    actor_optimizer.step()
+                    if args.autotune:
+                        alpha_loss = (-log_alpha.exp() * (log_pi.detach() + target_entropy)).mean()
+                        a_optimizer.zero_grad(set_to_none=True)
+                        alpha_loss.backward()
+                        a_optimizer.step()
+                        alpha = log_alpha.exp().item()
+
+            if global_step % args.target_network_frequency == 0:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(vf_target.parameters()), list(vf.parameters()), args.lam)
+
+            if global_step % args.log_frequency == 0:
+                writer.add_scalar("losses/qf1_values", qf1_a.mean().item(), global_step)
+                writer.add_scalar("losses/qf2_values", qf2_a.mean().item(), global_step)
+                writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
+                writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
+                writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
+                writer.add_scalar("losses/v_values", v.mean().item(), global_step)
+                writer.add_scalar("losses/v_target_values", v_target.mean().item(), global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                # the largest normalised residual z of the batch: it explodes when XQL goes unstable
+                writer.add_scalar("losses/max_z", ((v_target - v) / args.beta).max().item(), global_step)
+                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                writer.add_scalar("losses/alpha", alpha, global_step)
+                if args.autotune:
+                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
+            returns = evaluate_policy(actor, eval_env, args.eval_episodes, device, args.seed + 10_000)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            sps = int((global_step + 1) / (time.time() - start_time))
+            print(
+                f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
+                f"+- {returns.std():.1f}, last train return {last_return:.1f}, SPS {sps}",
+                flush=True,
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save(
+            {
+                "args": vars(args),
+                "actor": actor.state_dict(),
+                "qf1": qf1.state_dict(),
+                "qf2": qf2.state_dict(),
+                "vf": vf.state_dict(),
+            },
+            model_path,
+        )
+        print(f"model saved to {model_path}")
+        returns = evaluate(model_path, args.env_id, args.eval_episodes, args.seed + 20_000, str(device))
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    env.close()
+    eval_env.close()
+    writer.close()

@@ -1,0 +1,412 @@
+"""X-TD3: TD3 whose critics are trained by Gumbel regression (Extreme Q-Learning), single file.
+
+Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023.
+Spec: ALGORITHMS.md section 2 (the paper's text in ../shared/papers lost its equations).
+
+Gumbel regression (Eq. 7/11). For a prediction p of a target y and a temperature beta,
+z = (y - p)/beta and L(z) = exp(z) - z - 1. By Lemma 3.2 the minimiser over a constant p is
+p* = beta * ln E[exp(y/beta)]: a soft maximum of the targets. In deterministic dynamics, the
+only randomness in the target is the next action, so regressing Q on the ordinary TD3 target
+with this loss estimates the soft-optimal backup without any entropy term (Eq. 9):
+
+  critics  Q_i(s, a)  <-  y = r + gamma * (1 - done) * min_i Q_bar_i(s', a~)       Gumbel loss
+           a~ = clip(pi_bar(s') + clip(N(0, sigma), -c_noise, c_noise), low, high) (TD3's smoothing)
+  actor    max  Q_1(s, pi(s)), every 2 steps, with Polyak targets                  exactly as TD3
+
+`--no-double-q` drops the min over two critics ("X-TD3 - DQ": one critic, one target critic);
+`--critic-loss mse` restores TD3's squared error, so X-TD3 and TD3 compare from one file.
+
+The stable Gumbel loss (paper App. D.3): clip z to [-c, c] and factor out exp(m) with
+m = max(max_batch z, -1) (detached), which rescales the loss of each batch by exp(-m) and keeps
+the gradients bounded; the derivation of why the minimiser is unchanged is in `gumbel_loss`.
+
+Defaults follow CleanRL's td3_continuous_action.py (256-256 MLPs, lr 3e-4, batch 256, 25 000
+random steps, exploration noise 0.1, policy noise 0.2 clipped at 0.5, actor every 2 steps) so
+results compare with it; beta = 3 and the paper's exp clip 8. The paper's settings (lr 1e-3,
+exploration noise 0.05 on Hopper, beta 2-5 with DQ and 3-20 without) are listed in the README.
+Terminations end bootstrapping; time-limit truncations bootstrap from the true last observation
+(one env, not a vector env, keeps it at hand).
+
+Usage:
+    python xql_td3.py --env-id Hopper-v5
+    python xql_td3.py --env-id Hopper-v5 --critic-loss mse     # TD3
+    python xql_td3.py --env-id Hopper-v5 --no-double-q --beta 5
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanrl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+
+    # Algorithm specific arguments
+    env_id: str = "Hopper-v5"
+    """the id of the environment (any gymnasium env with a bounded Box action space)"""
+    total_timesteps: int = 1000000
+    """total timesteps of the experiments"""
+    learning_rate: float = 3e-4
+    """the learning rate of the actor and critic optimizers (paper: 1e-3)"""
+    buffer_size: int = int(1e6)
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    lam: float = 0.005
+    """Polyak rate lambda of the target networks (CleanRL's `tau`)"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    hidden_size: int = 256
+    """width of the two hidden layers of every network"""
+    policy_noise: float = 0.2
+    """the scale of the target policy smoothing noise (in units of the action half-range)"""
+    exploration_noise: float = 0.1
+    """the scale of the exploration noise (paper: 0.05 on Hopper)"""
+    learning_starts: int = 25000
+    """timestep to start learning; before it, actions are uniform random"""
+    policy_frequency: int = 2
+    """the frequency of the (delayed) actor and target network updates"""
+    noise_clip: float = 0.5
+    """noise clip of the target policy smoothing (in units of the action half-range)"""
+    critic_loss: Literal["gumbel", "mse"] = "gumbel"
+    """`gumbel`: X-TD3 (Gumbel regression of the critics); `mse`: TD3"""
+    double_q: bool = True
+    """use the min of two critics in the target; `--no-double-q` is the paper's X-TD3 - DQ (one critic)"""
+    beta: float = 3.0
+    """the Gumbel regression temperature beta (paper: 2-5 with double Q, 3-20 without)"""
+    exp_clip: float = 8.0
+    """clip of the normalised residual z = (y - Q)/beta to [-c, c] in the Gumbel loss (paper: 8)"""
+    eval_frequency: int = 10000
+    """run a deterministic evaluation (no exploration noise) every this many environment steps"""
+    eval_episodes: int = 10
+    """the number of episodes of each deterministic evaluation"""
+    log_frequency: int = 100
+    """log losses and SPS every this many steps"""
+
+
+def check_args(args: Args) -> None:
+    """Stop with a one-line error naming the fix, before anything is built."""
+    if not args.beta > 0:
+        raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 2-5 for X-TD3")
+    if not args.exp_clip > 0:
+        raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8")
+    if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1 or args.policy_frequency < 1:
+        raise SystemExit(
+            "error: --batch-size, --total-timesteps, --buffer-size and --policy-frequency must be positive"
+        )
+
+
+def check_action_space(env_id: str, space: gym.Space) -> None:
+    """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise SystemExit(
+            f"error: {env_id} has action space {space}; this script needs a 1-D continuous Box "
+            "(for discrete actions use soft_dqn_atari.py or soft_a2c_atari.py)"
+        )
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise SystemExit(
+            f"error: {env_id} has unbounded actions {space}; wrap it in gymnasium.wrappers.ClipAction "
+            "or RescaleAction to give it finite bounds"
+        )
+
+
+def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None):
+    env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, video_folder)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+    )
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """TD3's deterministic policy: tanh output scaled to the action bounds."""
+
+    def __init__(self, obs_dim: int, low, high, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, len(low), hidden)
+        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs)) * self.action_scale + self.action_bias
+
+
+class ReplayBuffer:
+    """Preallocated FIFO storage of (s, a, r, s', terminated) as CPU tensors."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.capacity, self.size, self.pos = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.actions = torch.zeros(capacity, act_dim)
+        self.rewards = torch.zeros(capacity)
+        self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
+
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        i = self.pos
+        self.obs[i] = torch.as_tensor(obs)
+        self.next_obs[i] = torch.as_tensor(next_obs)
+        self.actions[i] = torch.as_tensor(action)
+        self.rewards[i] = float(reward)
+        self.dones[i] = float(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, device: torch.device):
+        idx = torch.randint(0, self.size, (batch_size,))
+        batch = (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx])
+        return tuple(x.to(device, non_blocking=True) for x in batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and targets (pure functions: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None) -> torch.Tensor:
+    """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable max-normalised form (App. D.3).
+
+    With z = (target - pred)/beta, the plain loss is mean(exp(z) - z - 1): convex in pred,
+    zero at z = 0, about z^2/2 near it, minimised over a constant pred at beta*ln mean exp(target/beta)
+    (Lemma 3.2). Its exp overflows for large z, so with m = max(max_batch z, -1), detached,
+        exp(z - m) - z*exp(-m) - exp(-m) = exp(-m) * (exp(z) - z - 1).
+    Why the minimiser is kept: within a batch exp(-m) is one positive constant that carries no
+    gradient, so the gradient is exp(-m) times the plain gradient mean(1 - exp(z))/beta: it has
+    the same sign everywhere and the same zeros, hence the same full-batch minimiser. The scale
+    exp(-m) <= e keeps every term bounded (exp(z - m) <= 1), and across minibatches it acts as
+    an adaptive learning rate. z is first clipped to [-clip, clip] (the online authors' code);
+    clipped samples get no gradient. clip=None skips the clip.
+    """
+    z = (target - pred) / beta
+    if clip is not None:
+        z = z.clamp(-clip, clip)
+    m = z.max().detach().clamp(min=-1.0)
+    return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
+
+
+def xtd3_target(rewards, dones, q1_next, q2_next, gamma: float, double_q: bool):
+    """Eq. (9)'s regression target r + gamma*(1 - done)*min_i Q_bar_i(s', a~) (just Q_bar_1 without
+    double Q). q*_next are the target critics at the smoothed target action; done = 1 for
+    terminations only, so a time-limit truncation still bootstraps."""
+    q_next = torch.min(q1_next, q2_next) if double_q else q1_next
+    return rewards + gamma * (1.0 - dones) * q_next
+
+
+def critic_loss_fn(q, target, critic_loss: str, beta: float, clip: float):
+    return gumbel_loss(q, target, beta, clip) if critic_loss == "gumbel" else F.mse_loss(q, target)
+
+
+@torch.no_grad()
+def evaluate_policy(actor: Actor, env: gym.Env, n_episodes: int, device: torch.device, seed: int) -> np.ndarray:
+    """Returns of `n_episodes` episodes acting with the deterministic policy (no exploration noise)."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < n_episodes:
+        action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
+        obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return np.array(returns)
+
+
+def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Reload a model written by --save-model and return its deterministic evaluation returns."""
+    checkpoint = torch.load(model_path, map_location=device)
+    env = make_env(env_id, seed)
+    actor = Actor(
+        env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
+    ).to(device)
+    actor.load_state_dict(checkpoint["actor"])
+    return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}")
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
+    actor_target = Actor(obs_dim, low, high, args.hidden_size).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    critics = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(2 if args.double_q else 1)]
+    critics_target = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in critics]
+    for qf, qf_target in zip(critics, critics_target):
+        qf_target.load_state_dict(qf.state_dict())
+    q_params = [p for qf in critics for p in qf.parameters()]
+    q_target_params = [p for qf in critics_target for p in qf.parameters()]
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    action_scale = actor.action_scale
+    action_low, action_high = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    print(
+        f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim}, critic loss {args.critic_loss}"
+        f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.critic_loss == 'gumbel' else ''}, "
+        f"{len(critics)} critic(s), device={device}, logging to runs/{run_name}"
+    )
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    last_return, actor_loss = float("nan"), torch.tensor(float("nan"))  # actor_loss: logged before 1st update
+    for global_step in range(args.total_timesteps):
+        if global_step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0]
+                action = action + torch.randn_like(action) * action_scale * args.exploration_noise
+            action = action.clamp(action_low, action_high).cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # next_obs is the true last observation also at a truncation: the target bootstraps from it
+        rb.add(obs, action, reward, next_obs, terminated)
+        obs = next_obs
+        if terminated or truncated:
+            last_return = float(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            obs, _ = env.reset()
+
+        if global_step >= args.learning_starts:
+            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
+            # ---- critics: Gumbel regression on r + gamma(1 - done) min_i Q_bar_i(s', a~) ----
+            with torch.no_grad():
+                noise = (torch.randn_like(b_actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+                next_actions = (actor_target(b_next_obs) + noise * action_scale).clamp(action_low, action_high)
+                q_next = [qf_target(b_next_obs, next_actions) for qf_target in critics_target]
+                y = xtd3_target(b_rewards, b_dones, q_next[0], q_next[-1], args.gamma, args.double_q)
+            q_values = [qf(b_obs, b_actions) for qf in critics]
+            q_losses = [critic_loss_fn(q, y, args.critic_loss, args.beta, args.exp_clip) for q in q_values]
+            q_loss = sum(q_losses)
+            if not torch.isfinite(q_loss):
+                raise SystemExit(
+                    f"error: the critic loss is {q_loss.item()} at step {global_step}: training diverged; "
+                    "try a larger --beta or a smaller --exp-clip"
+                )
+            q_optimizer.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_optimizer.step()
+
+            # ---- delayed actor and Polyak targets, as TD3 ----
+            if global_step % args.policy_frequency == 0:
+                actor_loss = -critics[0](b_obs, actor(b_obs)).mean()
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), args.lam)
+                    torch._foreach_lerp_(q_target_params, q_params, args.lam)
+
+            if global_step % args.log_frequency == 0:
+                for i, (q, loss) in enumerate(zip(q_values, q_losses), start=1):
+                    writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), global_step)
+                    writer.add_scalar(f"losses/qf{i}_loss", loss.item(), global_step)
+                writer.add_scalar("losses/qf_loss", q_loss.item() / len(critics), global_step)
+                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
+                # the largest normalised residual z of the batch: it explodes when XQL goes unstable
+                writer.add_scalar("losses/max_z", ((y - q_values[0]) / args.beta).max().item(), global_step)
+                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
+            returns = evaluate_policy(actor, eval_env, args.eval_episodes, device, args.seed + 10_000)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            sps = int((global_step + 1) / (time.time() - start_time))
+            print(
+                f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
+                f"+- {returns.std():.1f}, last train return {last_return:.1f}, SPS {sps}",
+                flush=True,
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save(
+            {"args": vars(args), "actor": actor.state_dict(), "critics": [qf.state_dict() for qf in critics]},
+            model_path,
+        )
+        print(f"model saved to {model_path}")
+        returns = evaluate(model_path, args.env_id, args.eval_episodes, args.seed + 20_000, str(device))
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    env.close()
+    eval_env.close()
+    writer.close()
