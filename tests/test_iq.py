@@ -290,10 +290,11 @@ def test_bad_input_stops_before_training(script, flags, names, workdir):
 @pytest.mark.learning
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
 def test_learns_pendulum_within_20k_steps(script, workdir):
-    """A random policy scores about -1200 and a broken loss stays far below -300 (see README)."""
-    flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 20000 --learning-starts 1000 --eval-frequency 5000"
+    """A random policy scores about -1200 and a broken loss stays far below -300 (see README).
+    Measured (seed 1): IQ about -190 by step 4000, M-IQ about -190 by 8000; we check at 10 000."""
+    flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 10000 --learning-starts 1000 --eval-frequency 5000"
     proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = read_scalars(workdir)["eval/episodic_return"]
-    assert evals[-1][0] == 19_999
+    assert evals[-1][0] == 9_999
     assert evals[-1][1] >= -300, f"final deterministic eval return {evals[-1][1]:.1f} < -300; all: {evals}"

@@ -228,10 +228,12 @@ def test_bad_input_stops_before_training(script, flags, names, workdir):
 @pytest.mark.learning
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
 def test_learns_pendulum_within_20k_steps(script, workdir):
-    """A random policy scores about -1200 on Pendulum-v1; the threshold is -300 (10 episodes)."""
-    flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 20000 --learning-starts 1000 --eval-frequency 5000"
+    """A random policy scores about -1200 on Pendulum-v1; the threshold is -300 (10 episodes).
+    Measured (seed 1): X-SAC -174 from step 7500 on, X-TD3 -175 from step 12 500 on."""
+    steps = {"xql_sac.py": 15_000, "xql_td3.py": 20_000}[script]
+    flags = f"--env-id Pendulum-v1 --seed 1 --total-timesteps {steps} --learning-starts 1000 --eval-frequency 5000"
     proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = read_scalars(workdir)["eval/episodic_return"]
-    assert evals[-1][0] == 19_999
+    assert evals[-1][0] == steps - 1
     assert evals[-1][1] >= -300, f"final deterministic eval return {evals[-1][1]:.1f} < -300; all: {evals}"

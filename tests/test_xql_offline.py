@@ -1,0 +1,247 @@
+"""Tests of xql_offline.py (ALGORITHMS.md section 2, offline; Garg et al. 2023) and of the dataset tool."""
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, read_scalars, run_script
+
+import xql_offline as xo
+from tools import make_offline_dataset as mk
+
+# Three trajectories, observations numbered so that a wrong pairing is visible:
+#   A: 0 -> 1 -> 2 -> (3), ends in a time-out;  B: 10 -> 11 -> (12), ends in a termination;
+#   C: 20 -> 21 -> (22), ends in a time-out at the end of the file.
+OBS = np.array([[0], [1], [2], [10], [11], [20], [21]], dtype=np.float32)
+NEXT = np.array([[1], [2], [3], [11], [12], [21], [22]], dtype=np.float32)
+RAW = {
+    "observations": OBS,
+    "actions": np.arange(7, dtype=np.float32)[:, None] / 10,
+    "rewards": np.array([1, 2, 3, 10, 20, -1, -2], dtype=np.float32),
+    "terminals": np.array([0, 0, 0, 0, 1, 0, 0], dtype=bool),
+    "timeouts": np.array([0, 0, 1, 0, 0, 0, 1], dtype=bool),
+}
+
+
+def write_raw(path, raw, **attrs):
+    with h5py.File(path, "w") as f:
+        for k, v in raw.items():
+            f.create_dataset(k, data=v)
+        f.attrs.update(attrs)
+
+
+def test_hdf5_with_next_observations_keeps_timeouts_and_bootstraps_them(tmp_path):
+    write_raw(tmp_path / "d.hdf5", {**RAW, "next_observations": NEXT})
+    raw, _ = xo.read_d4rl_hdf5(str(tmp_path / "d.hdf5"))
+    data = xo.qlearning_dataset(raw)
+    np.testing.assert_array_equal(data["observations"][:, 0], [0, 1, 2, 10, 11, 20, 21])
+    np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 11, 12, 21, 22])  # 2 -> 3, not 10
+    np.testing.assert_array_equal(data["dones"], [0, 0, 0, 0, 1, 0, 0])  # the time-out is not a termination
+    np.testing.assert_allclose(data["actions"][:, 0], np.arange(7) / 10)
+    np.testing.assert_array_equal(data["rewards"], RAW["rewards"])
+
+
+def test_hdf5_without_next_observations_never_pairs_two_trajectories(tmp_path):
+    write_raw(tmp_path / "d.hdf5", RAW)
+    data = xo.qlearning_dataset(xo.read_d4rl_hdf5(str(tmp_path / "d.hdf5"))[0])
+    # time-outs (index 2 and the last) have no true next observation: dropped, as d4rl does
+    np.testing.assert_array_equal(data["observations"][:, 0], [0, 1, 10, 11, 20])
+    # the terminal transition 11 keeps done = 1 and does not point at the next trajectory's start (20)
+    np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 11, 11, 21])
+    np.testing.assert_array_equal(data["dones"], [0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(data["rewards"], [1, 2, 10, 20, -1])
+
+
+def test_episode_returns_split_at_terminals_and_timeouts():
+    np.testing.assert_allclose(xo.episode_returns(RAW), [6, 30, -3])
+
+
+def test_minari_dataset_loads_into_the_same_transitions(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    episodes = mk.rollout("Pendulum-v1", "random", episodes=3, seed=5, max_episode_steps=30)
+    episodes[1]["terminations"][-1], episodes[1]["truncations"][-1] = True, False  # one terminated trajectory
+    mk.write_minari("test/pendulum-v0", episodes, "Pendulum-v1", -1000.0, -100.0)
+    mk.write_hdf5(str(tmp_path / "same.hdf5"), mk.episodes_to_d4rl(episodes), "Pendulum-v1")
+    from_minari = xo.load_dataset("test/pendulum-v0")
+    from_hdf5 = xo.load_dataset(str(tmp_path / "same.hdf5"))
+    a, b = xo.qlearning_dataset(from_minari["raw"]), xo.qlearning_dataset(from_hdf5["raw"])
+    assert len(a["rewards"]) == 90
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+    assert a["dones"].sum() == 1 and a["dones"][59] == 1
+    assert from_minari["ref_scores"] == (-1000.0, -100.0)
+    assert from_minari["eval_env"].recover_environment(eval_env=True).spec.id == "Pendulum-v1"
+
+
+def test_dataset_tool_round_trips_episodes(tmp_path):
+    episodes = mk.rollout("Pendulum-v1", "pendulum-expert", episodes=2, noise=0.1, seed=1)
+    back = mk.d4rl_to_episodes(mk.episodes_to_d4rl(episodes))
+    assert len(back) == 2
+    for e, f in zip(episodes, back):
+        for key in e:
+            np.testing.assert_allclose(e[key], f[key], rtol=1e-6)
+    assert episodes[0]["rewards"].sum() > -400  # the built-in controller swings up (random: about -1200)
+
+
+def test_d4rl_normalized_score_matches_d4rl():
+    assert xo.normalized_score(1500.0, *xo.D4RL_REF_SCORES["hopper"]) == pytest.approx(46.71, abs=0.005)
+    assert xo.normalized_score(-20.272305, *xo.D4RL_REF_SCORES["hopper"]) == pytest.approx(0.0)
+    assert xo.normalized_score(4592.3, *xo.D4RL_REF_SCORES["walker2d"]) == pytest.approx(100.0)
+
+
+def test_gumbel_regression_on_one_state_drives_v_to_the_log_partition():
+    """Lemma 3.2 with the script's own value network and loss: one state, four dataset actions
+    with known Q, sampled equally often; V(s) -> beta * ln mean exp(Q/beta)."""
+    torch.manual_seed(0)
+    q = torch.tensor([1.0, 2.0, 5.0, -3.0])
+    for beta in [0.5, 2.0]:
+        vf = xo.ValueNetwork(3, 64)
+        opt = torch.optim.Adam(vf.parameters(), lr=1e-3)
+        s = torch.ones(256, 3)
+        for _ in range(3000):
+            target = q[torch.randint(0, 4, (256,))]
+            opt.zero_grad()
+            xo.gumbel_loss(vf(s), target, beta, 7.0).backward()
+            opt.step()
+        expected = beta * (torch.logsumexp(q / beta, 0) - math.log(4)).item()
+        assert vf(s[:1]).item() == pytest.approx(expected, abs=0.05), beta
+        assert vf(s[:1]).item() > q.mean().item() + 0.5  # a soft max, well above the mean Q
+
+
+def test_offline_gumbel_clip_is_one_sided():
+    pred = torch.zeros(2, requires_grad=True)
+    xo.gumbel_loss(pred, torch.tensor([100.0, -100.0]), 1.0, 7.0).backward()
+    assert pred.grad[0].item() == 0.0  # clipped from above: no gradient
+    assert pred.grad[1].item() != 0.0  # far below is not clipped offline
+
+
+def test_awr_weights_are_capped_and_eta_zero_is_behaviour_cloning():
+    q, v = torch.tensor([0.0, 1.0, 10.0, -5.0]), torch.zeros(4)
+    w = xo.awr_weights(q, v, 3.0, 100.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, math.exp(3.0), 100.0, math.exp(-15.0)]))
+    torch.testing.assert_close(xo.awr_weights(q, v, 0.0, 100.0), torch.ones(4))
+    log_prob = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    assert xo.awr_loss(log_prob, torch.ones(4)).item() == pytest.approx(2.5)  # BC: mean negative log-likelihood
+
+
+def test_critic_target_terminations_and_timeouts():
+    y = xo.critic_target(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([5.0, 5.0]), 0.9)
+    torch.testing.assert_close(y, torch.tensor([5.5, 1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: short real runs, bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pendulum_data(tmp_path_factory):
+    """A mixed Pendulum-v1 dataset made with the dataset tool: good, epsilon-noisy and random play."""
+    folder = tmp_path_factory.mktemp("data")
+    episodes = (
+        mk.rollout("Pendulum-v1", "pendulum-expert", episodes=20, noise=0.2, seed=0)
+        + mk.rollout("Pendulum-v1", "pendulum-expert", episodes=10, epsilon=0.5, seed=100)
+        + mk.rollout("Pendulum-v1", "random", episodes=20, seed=200)
+    )
+    path = folder / "pendulum-mix.hdf5"
+    mk.write_hdf5(str(path), mk.episodes_to_d4rl(episodes), "Pendulum-v1", -1200.0, -140.0)
+    return path, np.array([e["rewards"].sum() for e in episodes])
+
+
+def test_end_to_end_logs_scores_saves_and_reloads(pendulum_data, workdir):
+    path, _ = pendulum_data
+    flags = f"--dataset {path} --total-timesteps 300 --batch-size 64 --log-frequency 50 --eval-frequency 150"
+    proc = run_script(
+        "xql_offline.py", [*flags.split(), "--eval-episodes", "2", "--save-model", "--seed", "4"], workdir, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(workdir)
+    for tag in [
+        "losses/value_loss",
+        "losses/qf_loss",
+        "losses/policy_loss",
+        "losses/max_z",
+        "charts/SPS",
+        "charts/policy_learning_rate",
+        "eval/episodic_return",
+        "eval/normalized_score",
+        "eval/reloaded_episodic_return",
+    ]:
+        assert scalars.get(tag), f"{tag} was not logged"
+    lrs = [v for _, v in scalars["charts/policy_learning_rate"]]
+    assert lrs[0] == pytest.approx(3e-4, rel=1e-3) and lrs[-1] < 0.1 * lrs[0]  # cosine decay to 0
+    ret = [v for _, v in scalars["eval/episodic_return"]]
+    score = [v for _, v in scalars["eval/normalized_score"]]
+    np.testing.assert_allclose(score, xo.normalized_score(np.array(ret), -1200.0, -140.0), rtol=1e-4)
+    (model,) = list(workdir.glob("runs/*/*.cleanrl_model"))
+    returns = xo.evaluate(str(model), "Pendulum-v1", eval_episodes=2, seed=4 + 20_000)
+    np.testing.assert_allclose(returns, [v for _, v in scalars["eval/reloaded_episodic_return"]], rtol=1e-5)
+
+
+def test_d4rl_name_reads_the_cache_folder_and_infers_the_env(tmp_path, workdir, monkeypatch):
+    """hopper-medium-v2 without d4rl: D4RL's cache file, Hopper-v5, D4RL's hopper reference scores."""
+    rng = np.random.default_rng(0)
+    n = 500
+    raw = {
+        "observations": rng.normal(size=(n, 11)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": np.zeros(n, bool),
+        "timeouts": (np.arange(n) % 100 == 99),
+    }
+    write_raw(tmp_path / "hopper_medium-v2.hdf5", raw)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    flags = "--dataset hopper-medium-v2 --total-timesteps 20 --eval-frequency 20 --eval-episodes 1 --batch-size 16"
+    proc = run_script("xql_offline.py", flags.split(), workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval env Hopper-v5" in proc.stdout and "normalized score" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "make, flags, names",
+    [
+        (None, ["--dataset", "missing.hdf5"], ["missing.hdf5", "does not exist"]),
+        ("nokeys", ["--dataset", "nokeys.hdf5"], ["lacks the D4RL keys", "terminals", "timeouts"]),
+        (None, ["--dataset", "nothere/absent-v0"], ["nothere/absent-v0", "minari download"]),
+        (None, ["--dataset", "walker2d-medium-v2"], ["walker2d_medium-v2.hdf5", "download"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--env-id", "Hopper-v5"], ["(3,)", "(11,)", "--env-id"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--beta", "0"], ["--beta", "> 0"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--beta", "-2"], ["--beta"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--exp-clip", "0"], ["--exp-clip"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--env-id", "CartPole-v1"], ["CartPole-v1", "continuous"]),
+    ],
+)
+def test_bad_input_stops_before_training(make, flags, names, workdir, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(workdir / "empty-minari"))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(workdir / "empty-d4rl"))
+    if make == "nokeys":
+        write_raw(workdir / "nokeys.hdf5", {"observations": OBS, "actions": RAW["actions"]})
+    if make == "pendulum":
+        mk.write_hdf5(
+            str(workdir / "p.hdf5"), mk.episodes_to_d4rl(mk.rollout("Pendulum-v1", "random", 2)), "Pendulum-v1"
+        )
+    proc = run_script("xql_offline.py", flags, workdir, timeout=120)
+    assert_one_line_error(proc, *names)
+    assert not (workdir / "runs").exists(), "no run may start on bad input"
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning, for real
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.learning
+def test_beats_the_dataset_and_behaviour_cloning(pendulum_data, workdir):
+    """On a mix of good, epsilon-noisy and random Pendulum play, X-QL's policy must beat the data's mean
+    return clearly, and beat behaviour cloning (the same script with AWR weights 1, --eta 0)."""
+    path, dataset_returns = pendulum_data
+    finals = {}
+    for eta in [3.0, 0.0]:
+        run_dir = workdir / f"eta{eta}"
+        run_dir.mkdir()
+        flags = f"--dataset {path} --seed 1 --total-timesteps 12000 --eval-frequency 12000 --eta {eta}"
+        proc = run_script("xql_offline.py", [*flags.split(), "--eval-episodes", "20"], run_dir, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        finals[eta] = read_scalars(run_dir)["eval/episodic_return"][-1][1]
+    xql, bc, data_mean = finals[3.0], finals[0.0], dataset_returns.mean()
+    # measured (seed 1, 2-core CPU): X-QL -304, BC -708, dataset mean -675
+    assert xql > data_mean + 200, f"X-QL {xql:.0f} vs dataset mean {data_mean:.0f}"
+    assert xql > bc + 200, f"X-QL {xql:.0f} vs BC {bc:.0f}"

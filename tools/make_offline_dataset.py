@@ -1,0 +1,232 @@
+"""Make an offline RL dataset from rollouts of a policy, without internet: a D4RL-format HDF5 file
+and/or a local Minari dataset, ready for `xql_offline.py --dataset ...`.
+
+    # 20 episodes of a built-in Pendulum swing-up controller with Gaussian action noise 0.2
+    python tools/make_offline_dataset.py --env-id Pendulum-v1 --policy pendulum-expert --noise 0.2 \\
+        --episodes 20 --out pendulum-expert.hdf5
+    # uniform random actions, also written as the local Minari dataset pendulum/random-v0
+    python tools/make_offline_dataset.py --env-id Pendulum-v1 --policy random --episodes 20 \\
+        --out pendulum-random.hdf5 --minari-id pendulum/random-v0
+    # your own policy: any importable function obs -> action
+    python tools/make_offline_dataset.py --env-id Hopper-v5 --policy mypackage.policies:act --steps 100000 \\
+        --out hopper-mine.hdf5
+    # several files into one (e.g. expert + random = a "medium-expert"-like mix)
+    python tools/make_offline_dataset.py --merge pendulum-expert.hdf5 pendulum-random.hdf5 --out pendulum-mix.hdf5
+
+The HDF5 file has D4RL's keys: observations, actions, rewards, terminals, timeouts (a time-limit
+truncation, as D4RL records it), and next_observations (the true next observation, also at a
+truncation). Its attributes record env_id and, if given, ref_min_score / ref_max_score (the
+returns that `xql_offline.py` maps to normalised scores 0 and 100). The Minari dataset is written
+to Minari's local folder (~/.minari/datasets or $MINARI_DATASETS_PATH) with the same reference
+scores. Writing Minari needs `pip install "minari[hdf5]"` (not jax: no DataCollector is used).
+"""
+
+import argparse
+import importlib
+
+import gymnasium as gym
+import numpy as np
+
+KEYS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+
+
+def pendulum_expert(obs: np.ndarray) -> np.ndarray:
+    """A hand-written Pendulum-v1 swing-up controller (about -140 per episode; random: about -1200).
+
+    Pendulum's dynamics are theta'' = 15 sin(theta) + 3u (theta = 0 upright). Far from the top it
+    pumps energy E = theta'^2/2 + 15 (cos(theta) - 1), whose rate is dE/dt = 3u theta', towards the
+    upright energy 0; near the top a PD law holds it."""
+    cos_th, sin_th, w = obs
+    if cos_th > 0.9:
+        u = -(10.0 * np.arctan2(sin_th, cos_th) + 2.0 * w)
+    else:
+        energy = 0.5 * w * w + 15.0 * (cos_th - 1.0)
+        u = 2.0 * np.sign(-w * energy) if abs(w) > 1e-3 else 1.0
+    return np.clip(np.array([u], dtype=np.float32), -2.0, 2.0)
+
+
+def resolve_policy(spec: str, env: gym.Env):
+    """'random', 'pendulum-expert', or 'module:function' (a function obs -> action)."""
+    if spec == "random":
+        return lambda obs: env.action_space.sample()
+    if spec == "pendulum-expert":
+        return pendulum_expert
+    if ":" not in spec:
+        raise SystemExit(f"error: --policy {spec!r}: use 'random', 'pendulum-expert' or 'module:function'")
+    module, name = spec.split(":", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def rollout(
+    env_id: str,
+    policy,
+    episodes: int | None = None,
+    steps: int | None = None,
+    noise: float = 0.0,
+    epsilon: float = 0.0,
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+) -> list:
+    """Run `policy` (obs -> action) for a number of episodes or steps. Each action gets Gaussian noise
+    of std `noise` (in units of the action half-range) and, with probability `epsilon`, is replaced
+    by a uniform random one. Returns episodes as dicts: observations (T+1), actions, rewards,
+    terminations, truncations (T); a step budget ends the last episode as a truncation."""
+    env = gym.make(env_id, max_episode_steps=max_episode_steps)
+    if isinstance(policy, str):
+        policy = resolve_policy(policy, env)
+    env.action_space.seed(seed)
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    out, total = [], 0
+    while (episodes is not None and len(out) < episodes) or (steps is not None and total < steps):
+        obs, _ = env.reset(seed=seed + len(out))
+        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        while True:
+            action = np.asarray(policy(obs), dtype=np.float32)
+            action = action + noise * (high - low) / 2 * rng.standard_normal(action.shape)
+            if rng.random() < epsilon:
+                action = env.action_space.sample()
+            action = np.clip(action, low, high).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += 1
+            truncated = truncated or (steps is not None and total >= steps and not terminated)
+            for key, value in zip(
+                ["observations", "actions", "rewards", "terminations", "truncations"],
+                [obs, action, reward, terminated, truncated],
+            ):
+                ep[key].append(value)
+            if terminated or truncated:
+                break
+        out.append({k: np.array(v) for k, v in ep.items()})
+    return out
+
+
+def episodes_to_d4rl(episodes: list) -> dict:
+    """Concatenate episodes into D4RL's flat arrays (timeouts = truncations, plus next_observations)."""
+    cat = np.concatenate
+    return {
+        "observations": cat([e["observations"][:-1] for e in episodes]).astype(np.float32),
+        "actions": cat([e["actions"] for e in episodes]).astype(np.float32),
+        "rewards": cat([e["rewards"] for e in episodes]).astype(np.float32),
+        "terminals": cat([e["terminations"] for e in episodes]).astype(bool),
+        "timeouts": cat([e["truncations"] for e in episodes]).astype(bool),
+        "next_observations": cat([e["observations"][1:] for e in episodes]).astype(np.float32),
+    }
+
+
+def write_hdf5(
+    path: str, data: dict, env_id: str, ref_min_score: float | None = None, ref_max_score: float | None = None
+) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for key in KEYS:
+            if key in data:
+                f.create_dataset(key, data=data[key], compression="gzip")
+        f.attrs["env_id"] = env_id
+        if ref_min_score is not None and ref_max_score is not None:
+            f.attrs["ref_min_score"], f.attrs["ref_max_score"] = float(ref_min_score), float(ref_max_score)
+
+
+def read_hdf5(path: str) -> tuple:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in KEYS if k in f}, dict(f.attrs)
+
+
+def write_minari(
+    dataset_id: str, episodes: list, env_id: str, ref_min_score: float | None = None, ref_max_score: float | None = None
+):
+    """Write `episodes` as a local Minari dataset (replacing one of the same id)."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    if dataset_id in minari.list_local_datasets():
+        minari.delete_dataset(dataset_id)
+    buffers = [
+        EpisodeBuffer(
+            id=i,
+            observations=e["observations"].astype(np.float32),
+            actions=e["actions"].astype(np.float32),
+            rewards=list(e["rewards"]),
+            terminations=list(e["terminations"]),
+            truncations=list(e["truncations"]),
+            infos={},
+        )
+        for i, e in enumerate(episodes)
+    ]
+    scores = {}
+    if ref_min_score is not None and ref_max_score is not None:
+        scores = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
+    return minari.create_dataset_from_buffers(
+        dataset_id,
+        buffers,
+        env=gym.make(env_id),
+        eval_env=env_id,
+        algorithm_name="tools/make_offline_dataset.py",
+        **scores,
+    )
+
+
+def d4rl_to_episodes(data: dict) -> list:
+    """Split D4RL flat arrays (with next_observations) back into episodes, at terminals and timeouts."""
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    if len(ends) == 0 or ends[-1] != len(data["rewards"]) - 1:
+        ends = np.append(ends, len(data["rewards"]) - 1)
+    episodes, start = [], 0
+    for end in ends:
+        sl = slice(start, end + 1)
+        episodes.append(
+            {
+                "observations": np.concatenate([data["observations"][sl], data["next_observations"][end : end + 1]]),
+                "actions": data["actions"][sl],
+                "rewards": data["rewards"][sl],
+                "terminations": data["terminals"][sl],
+                "truncations": data["timeouts"][sl].copy(),
+            }
+        )
+        episodes[-1]["truncations"][-1] = not episodes[-1]["terminations"][-1]
+        start = end + 1
+    return episodes
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-id", help="gymnasium env to roll out in")
+    p.add_argument("--policy", default="random", help="'random', 'pendulum-expert', or 'module:function'")
+    p.add_argument("--episodes", type=int, help="number of episodes to collect")
+    p.add_argument("--steps", type=int, help="number of steps to collect (instead of --episodes)")
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian action noise std (units of half-range)")
+    p.add_argument("--epsilon", type=float, default=0.0, help="probability of a uniform random action")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", nargs="+", help="HDF5 files to concatenate into --out instead of collecting")
+    p.add_argument("--out", help="the D4RL-format HDF5 file to write")
+    p.add_argument("--minari-id", help="also write a local Minari dataset with this id, e.g. pendulum/mine-v0")
+    p.add_argument("--ref-min-score", type=float, help="return that scores 0 (D4RL: a random policy's)")
+    p.add_argument("--ref-max-score", type=float, help="return that scores 100 (D4RL: an expert's)")
+    a = p.parse_args()
+    if not a.out and not a.minari_id:
+        raise SystemExit("error: give --out FILE.hdf5 and/or --minari-id NAMESPACE/NAME-v0")
+    if a.merge:
+        parts = [read_hdf5(path) for path in a.merge]
+        data = {k: np.concatenate([d[k] for d, _ in parts]) for k in KEYS}
+        env_id = a.env_id or parts[0][1]["env_id"]
+        episodes = d4rl_to_episodes(data)
+    else:
+        if not a.env_id or (a.episodes is None) == (a.steps is None):
+            raise SystemExit("error: give --env-id and exactly one of --episodes or --steps (or --merge FILES)")
+        env_id = a.env_id
+        episodes = rollout(env_id, a.policy, a.episodes, a.steps, a.noise, a.epsilon, a.seed)
+        data = episodes_to_d4rl(episodes)
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    print(
+        f"{len(episodes)} episodes, {len(data['rewards'])} transitions, return {returns.mean():.1f} "
+        f"+- {returns.std():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
+    )
+    if a.out:
+        write_hdf5(a.out, data, env_id, a.ref_min_score, a.ref_max_score)
+        print(f"wrote {a.out}")
+    if a.minari_id:
+        write_minari(a.minari_id, episodes, env_id, a.ref_min_score, a.ref_max_score)
+        print(f"wrote the local Minari dataset {a.minari_id}")

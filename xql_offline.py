@@ -1,0 +1,627 @@
+"""Offline Extreme Q-Learning (X-QL) on D4RL-style datasets, single file.
+
+Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023,
+Section 3.5 (offline), built the IQL way (Kostrikov et al. 2021). Spec: ALGORITHMS.md section 2.
+
+Gumbel regression (Eq. 7/11): for a prediction p of a target y and a temperature beta,
+z = (y - p)/beta and L(z) = exp(z) - z - 1, minimised over a constant p at
+p* = beta * ln E[exp(y/beta)] (Lemma 3.2). Offline, the expectation is over the *dataset's*
+actions, so V becomes a soft maximum of Q over the behaviour policy's support (a KL-regularised
+value, no out-of-distribution action is ever queried). One gradient step does, in this order:
+
+  V      V(s)    <- min_i Q_bar_i(s, a)  at dataset actions      Gumbel loss (z clipped from above at c)
+  policy max E[min(exp(eta * (Q_bar(s, a) - V(s))), 100) * ln pi(a|s)]   AWR on dataset actions (Eq. 12)
+  Q      Q_i(s, a) <- r + gamma * (1 - done) * V(s')             squared error, the V just updated
+  Polyak lambda = 0.005 on the critics (V has no target network)
+
+eta = 3 is the authors' inverse temperature on locomotion, separate from beta (Eq. 12 itself
+implies eta = 1/beta); eta = 0 gives every action weight 1, i.e. behaviour cloning. The policy
+is a Gaussian with a tanh-squashed mean and a state-independent log-std clipped to [-5, 2];
+evaluation uses the mean. V has LayerNorm; the policy's learning rate decays on a cosine.
+D4RL locomotion rewards are scaled by 1000 / (max episode return - min episode return).
+The authors' code regresses Q with a Huber loss (delta 20); the paper says squared error, which
+we use.
+
+Datasets (`--dataset`), read without the d4rl package (it needs gym < 0.25 and mujoco-py):
+  * a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts, optional
+    next_observations), turned into transitions like d4rl.qlearning_dataset, except that no
+    transition pairs the end of one trajectory with the start of the next: with
+    next_observations a time-out transition is kept and bootstraps from its true next
+    observation; without them it is dropped (as d4rl does), and a terminal transition's next
+    observation, never used since done = 1, is set to its own observation.
+  * a D4RL name such as hopper-medium-v2: the d4rl package if it is installed, else the file in
+    D4RL's cache folder ($D4RL_DATASET_DIR or ~/.d4rl/datasets), else a message naming the file
+    to download and where to put it.
+  * a Minari dataset id such as mujoco/hopper/medium-v0, loaded from the local Minari folder.
+The evaluation env is inferred from the dataset (D4RL locomotion: the gymnasium MuJoCo env of
+the same robot with D4RL's observation layout; Minari: its recorded eval env; our own HDF5
+files: their env_id attribute); --env-id overrides it. Note that gymnasium's MuJoCo v5 envs run
+on the mujoco bindings, not D4RL's mujoco-py, so scores are close to but not the same task.
+Scores: D4RL's normalised score 100 * (R - R_random) / (R_expert - R_random), with D4RL's
+reference returns for D4RL data and the stored reference scores of Minari or our own files.
+`tools/make_offline_dataset.py` makes a dataset offline from rollouts of any policy.
+
+Usage:
+    python xql_offline.py --dataset hopper-medium-v2
+    python xql_offline.py --dataset hopper-medium-v2 --beta 5          # the paper's tuned beta
+    python xql_offline.py --dataset path/to/file.hdf5 --env-id Hopper-v5
+    python xql_offline.py --dataset mujoco/hopper/medium-v0
+"""
+
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanrl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+
+    # Algorithm specific arguments
+    dataset: str = "hopper-medium-v2"
+    """a D4RL-format .hdf5 path, a D4RL name (hopper-medium-v2), or a Minari id (mujoco/hopper/medium-v0)"""
+    env_id: str | None = None
+    """the evaluation env; inferred from the dataset when not given"""
+    total_timesteps: int = 1000000
+    """number of gradient steps (offline: no environment steps are taken for training)"""
+    batch_size: int = 256
+    """the batch size of sample from the dataset"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    lam: float = 0.005
+    """Polyak rate lambda of the target critics"""
+    learning_rate: float = 3e-4
+    """the learning rate of all networks (the policy's decays on a cosine to 0)"""
+    hidden_size: int = 256
+    """width of the two hidden layers of every network"""
+    beta: float = 2.0
+    """the Gumbel regression temperature beta (paper: 2 on all locomotion, 'X-QL C'; tuned per dataset in README)"""
+    eta: float = 3.0
+    """AWR inverse temperature eta of the policy extraction (0: behaviour cloning)"""
+    exp_clip: float = 7.0
+    """clip from above of the normalised residual z = (y - V)/beta in the Gumbel loss (paper: 7; 5 on some)"""
+    max_weight: float = 100.0
+    """cap of the AWR weights exp(eta * advantage)"""
+    normalize_reward: bool = True
+    """scale rewards by 1000 / (max - min episode return), D4RL locomotion preprocessing of IQL/X-QL"""
+    eval_frequency: int = 5000
+    """evaluate the policy's mean action every this many gradient steps"""
+    eval_episodes: int = 10
+    """the number of episodes of each evaluation"""
+    log_frequency: int = 1000
+    """log losses and SPS every this many gradient steps"""
+
+
+# D4RL's reference returns (d4rl/infos.py): (random, expert) -> normalised scores 0 and 100
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+# the gymnasium env of each D4RL robot with D4RL's observation layout (ant: 111-d, with contact forces)
+D4RL_ENVS = {
+    "hopper": ("Hopper-v5", {}),
+    "halfcheetah": ("HalfCheetah-v5", {}),
+    "walker2d": ("Walker2d-v5", {}),
+    "ant": ("Ant-v4", {"use_contact_forces": True}),
+}
+D4RL_NAME = re.compile(
+    r"^(hopper|halfcheetah|walker2d|ant)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v(\d)$"
+)
+D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def check_args(args: Args) -> None:
+    """Stop with a one-line error naming the fix, before anything is loaded."""
+    if not args.beta > 0:
+        raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 2 on locomotion")
+    if not args.exp_clip > 0:
+        raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 7")
+    if not args.eta >= 0:
+        raise SystemExit(f"error: --eta must be >= 0 (got {args.eta}); 3 on locomotion, 0 for behaviour cloning")
+    if not args.max_weight > 0:
+        raise SystemExit(f"error: --max-weight must be > 0 (got {args.max_weight}); IQL uses 100")
+    if args.batch_size < 1 or args.total_timesteps < 1:
+        raise SystemExit("error: --batch-size and --total-timesteps must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+def read_d4rl_hdf5(path: str) -> tuple[dict, dict]:
+    """The arrays and attributes of a D4RL-format HDF5 file, after checking its keys."""
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"error: dataset file {path} does not exist; check the path (or make one with "
+            "tools/make_offline_dataset.py)"
+        )
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        missing = [k for k in D4RL_REQUIRED_KEYS if k not in f]
+        if missing:
+            raise SystemExit(
+                f"error: {path} lacks the D4RL keys {missing} (has {sorted(f.keys())}); a D4RL file "
+                f"needs {list(D4RL_REQUIRED_KEYS)} and optionally next_observations"
+            )
+        raw = {k: f[k][()] for k in (*D4RL_REQUIRED_KEYS, "next_observations") if k in f}
+        attrs = dict(f.attrs)
+    n = len(raw["rewards"])
+    if any(len(v) != n for v in raw.values()):
+        raise SystemExit(f"error: {path}: its arrays have different lengths {[(k, len(v)) for k, v in raw.items()]}")
+    return raw, attrs
+
+
+def qlearning_dataset(raw: dict) -> dict:
+    """D4RL flat arrays -> transitions (observations, actions, rewards, next_observations, dones),
+    like d4rl.qlearning_dataset but never pairing the end of one trajectory with the next's start."""
+    obs = np.asarray(raw["observations"], dtype=np.float32)
+    terminals = np.asarray(raw["terminals"], dtype=bool).reshape(-1)
+    timeouts = np.asarray(raw["timeouts"], dtype=bool).reshape(-1)
+    if "next_observations" in raw:
+        next_obs = np.asarray(raw["next_observations"], dtype=np.float32)
+        keep = np.ones(len(obs), dtype=bool)  # a time-out bootstraps from its true next observation
+    else:
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        last = np.zeros(len(obs), dtype=bool)
+        last[-1] = True
+        keep = ~((timeouts | last) & ~terminals)  # no true next observation: drop (as d4rl does)
+        next_obs = np.where(terminals[:, None], obs, next_obs)  # unused (done = 1); not the next start
+    return {
+        "observations": obs[keep],
+        "actions": np.asarray(raw["actions"], dtype=np.float32)[keep],
+        "rewards": np.asarray(raw["rewards"], dtype=np.float32).reshape(-1)[keep],
+        "next_observations": next_obs[keep],
+        "dones": terminals[keep].astype(np.float32),
+    }
+
+
+def episode_returns(raw: dict) -> np.ndarray:
+    """Returns of the trajectories in D4RL flat arrays (ending at terminals, time-outs, or the end)."""
+    ends = np.asarray(raw["terminals"], dtype=bool).reshape(-1) | np.asarray(raw["timeouts"], dtype=bool).reshape(-1)
+    ends[-1] = True
+    episode_id = np.concatenate([[0], np.cumsum(ends)[:-1]])
+    return np.bincount(episode_id, weights=np.asarray(raw["rewards"], dtype=np.float64).reshape(-1))
+
+
+def minari_to_d4rl(dataset) -> dict:
+    """A Minari dataset's episodes as D4RL flat arrays (with next_observations)."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for ep in dataset.iterate_episodes():
+        if isinstance(ep.observations, dict):
+            raise SystemExit(
+                "error: this Minari dataset has dict observations; xql_offline.py needs flat (Box) observations"
+            )
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminals"].append(ep.terminations)
+        parts["timeouts"].append(ep.truncations)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def d4rl_cache_path(name: str) -> str:
+    """Where D4RL keeps `name`'s file: $D4RL_DATASET_DIR or ~/.d4rl/datasets, D4RL's file name."""
+    robot, kind, version = D4RL_NAME.match(name).groups()
+    folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+    return os.path.join(folder, f"{robot}_{kind.replace('-', '_')}-v{version}.hdf5")
+
+
+def load_dataset(spec: str) -> dict:
+    """Resolve --dataset into D4RL flat arrays plus what the run needs to know about them:
+    {"raw", "env_id", "env_kwargs", "ref_scores", "locomotion", "eval_env" (Minari only)}."""
+    if spec.endswith((".hdf5", ".h5")) or os.path.isfile(spec):
+        raw, attrs = read_d4rl_hdf5(spec)
+        robot = next((r for r in D4RL_ENVS if os.path.basename(spec).lower().startswith(r)), None)
+        env_id, env_kwargs = D4RL_ENVS[robot] if robot else (attrs.get("env_id"), {})
+        ref = D4RL_REF_SCORES.get(robot)
+        if "ref_min_score" in attrs and "ref_max_score" in attrs:
+            ref = (float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
+        return {"raw": raw, "env_id": env_id, "env_kwargs": env_kwargs, "ref_scores": ref, "locomotion": True}
+    if D4RL_NAME.match(spec):
+        robot = D4RL_NAME.match(spec).group(1)
+        meta = {
+            "env_id": D4RL_ENVS[robot][0],
+            "env_kwargs": D4RL_ENVS[robot][1],
+            "ref_scores": D4RL_REF_SCORES[robot],
+            "locomotion": True,
+        }
+        try:
+            import d4rl  # noqa: F401  (optional: needs gym < 0.25 and mujoco-py)
+            import gym as old_gym
+
+            return {"raw": old_gym.make(spec).get_dataset(), **meta}
+        except ImportError:
+            pass
+        path = d4rl_cache_path(spec)
+        if not os.path.isfile(path):
+            folder = "gym_mujoco_v2" if spec.endswith("-v2") else "gym_mujoco"
+            raise SystemExit(
+                f"error: {spec} is not on this machine; download "
+                f"http://rail.eecs.berkeley.edu/datasets/offline_rl/{folder}/{os.path.basename(path)} "
+                f"to {path} (or pass --dataset /path/to/file.hdf5)"
+            )
+        return {"raw": read_d4rl_hdf5(path)[0], **meta}
+    if "/" in spec:
+        try:
+            import minari
+        except ImportError:
+            raise SystemExit(
+                f'error: {spec} looks like a Minari id, and minari is not installed: pip install "minari[hdf5]"'
+            ) from None
+        try:
+            dataset = minari.load_dataset(spec)
+        except FileNotFoundError:
+            raise SystemExit(
+                f"error: the Minari dataset {spec} is not in the local Minari folder and cannot be "
+                f"downloaded here; on a machine with internet run `minari download {spec}` and copy "
+                "~/.minari/datasets (or set MINARI_DATASETS_PATH)"
+            ) from None
+        ref = None
+        meta = dataset.storage.metadata
+        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        return {
+            "raw": minari_to_d4rl(dataset),
+            "env_id": None,
+            "env_kwargs": {},
+            "ref_scores": ref,
+            "locomotion": spec.startswith("mujoco/"),
+            "eval_env": dataset,
+        }
+    raise SystemExit(
+        f"error: --dataset {spec!r} is neither an .hdf5 file, a D4RL locomotion name like "
+        "hopper-medium-v2, nor a Minari id like mujoco/hopper/medium-v0"
+    )
+
+
+def make_env(
+    env_id: str,
+    seed: int,
+    env_kwargs: dict | None = None,
+    capture_video: bool = False,
+    video_folder: str | None = None,
+    minari_dataset=None,
+):
+    if minari_dataset is not None and env_id is None:
+        env = minari_dataset.recover_environment(eval_env=True, render_mode="rgb_array" if capture_video else None)
+    else:
+        env = gym.make(env_id, render_mode="rgb_array" if capture_video else None, **(env_kwargs or {}))
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, video_folder)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+def check_env_matches(env: gym.Env, env_name: str, data: dict) -> None:
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise SystemExit(f"error: {env_name} has action space {space}; xql_offline.py needs a 1-D continuous Box")
+    obs_shape, act_shape = data["observations"].shape[1:], data["actions"].shape[1:]
+    if env.observation_space.shape != obs_shape or space.shape != act_shape:
+        raise SystemExit(
+            f"error: the dataset has observations {obs_shape} and actions {act_shape}, but {env_name} has "
+            f"{env.observation_space.shape} and {space.shape}; pass the matching --env-id"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden: int, layer_norm: bool = False) -> nn.Sequential:
+    def norm():
+        return nn.LayerNorm(hidden) if layer_norm else nn.Identity()
+
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        norm(),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        norm(),
+        nn.ReLU(),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class ValueNetwork(nn.Module):
+    """V(s) with LayerNorm (the paper adds it to V for stability)."""
+
+    def __init__(self, obs_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden, layer_norm=True)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class GaussianPolicy(nn.Module):
+    """IQL's policy: Gaussian, mean tanh-squashed into the action bounds, state-independent log-std in [-5, 2]."""
+
+    def __init__(self, obs_dim: int, low, high, hidden: int):
+        super().__init__()
+        self.net = mlp(obs_dim, len(low), hidden)
+        self.log_std = nn.Parameter(torch.zeros(len(low)))
+        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mean action, used for evaluation."""
+        return torch.tanh(self.net(obs)) * self.action_scale + self.action_bias
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        std = self.log_std.clamp(-5.0, 2.0).exp()
+        return torch.distributions.Normal(self(obs), std).log_prob(actions).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (pure functions: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None) -> torch.Tensor:
+    """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable max-normalised form (App. D.3).
+
+    With z = (target - pred)/beta, the plain loss is mean(exp(z) - z - 1): convex in pred,
+    zero at z = 0, about z^2/2 near it, minimised over a constant pred at beta*ln mean exp(target/beta)
+    (Lemma 3.2). Its exp overflows for large z, so with m = max(max_batch z, -1), detached,
+        exp(z - m) - z*exp(-m) - exp(-m) = exp(-m) * (exp(z) - z - 1).
+    Why the minimiser is kept: within a batch exp(-m) is one positive constant that carries no
+    gradient, so the gradient is exp(-m) times the plain gradient mean(1 - exp(z))/beta: it has
+    the same sign everywhere and the same zeros, hence the same full-batch minimiser. The scale
+    exp(-m) <= e keeps every term bounded (exp(z - m) <= 1), and across minibatches it acts as
+    an adaptive learning rate. Offline, z is clipped from above only, min(z, clip) (the authors'
+    offline code); clipped samples get no gradient. clip=None skips the clip.
+    """
+    z = (target - pred) / beta
+    if clip is not None:
+        z = z.clamp(max=clip)
+    m = z.max().detach().clamp(min=-1.0)
+    return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
+
+
+def awr_weights(q: torch.Tensor, v: torch.Tensor, eta: float, max_weight: float) -> torch.Tensor:
+    """Eq. (12)'s advantage weights min(exp(eta * (Q(s,a) - V(s))), max_weight), detached."""
+    return torch.exp(eta * (q - v)).clamp(max=max_weight).detach()
+
+
+def awr_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. (12): -E[w * ln pi(a|s)] on dataset actions."""
+    return -(weights * log_prob).mean()
+
+
+def critic_target(rewards, dones, v_next, gamma: float):
+    """r + gamma * (1 - done) * V(s'); done = 1 for terminations only, time-outs bootstrap."""
+    return rewards + gamma * (1.0 - dones) * v_next
+
+
+def normalized_score(returns, ref_min: float, ref_max: float):
+    """D4RL's normalised score 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100.0 * (np.asarray(returns) - ref_min) / (ref_max - ref_min)
+
+
+@torch.no_grad()
+def evaluate_policy(policy: GaussianPolicy, env: gym.Env, n_episodes: int, device: torch.device, seed: int):
+    """Returns of `n_episodes` episodes acting with the policy's mean action."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    low, high = env.action_space.low, env.action_space.high
+    while len(returns) < n_episodes:
+        action = policy(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0].cpu().numpy()
+        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return np.array(returns)
+
+
+def evaluate(
+    model_path: str,
+    env_id: str,
+    eval_episodes: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    env_kwargs: dict | None = None,
+) -> np.ndarray:
+    """Reload a model written by --save-model and return its evaluation returns."""
+    checkpoint = torch.load(model_path, map_location=device)
+    env = make_env(env_id, seed, env_kwargs)
+    policy = GaussianPolicy(
+        env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
+    ).to(device)
+    policy.load_state_dict(checkpoint["policy"])
+    return evaluate_policy(policy, env, eval_episodes, torch.device(device), seed)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    info = load_dataset(args.dataset)
+    data = qlearning_dataset(info["raw"])
+    env_id = args.env_id or info["env_id"]
+    if env_id is None and "eval_env" not in info:
+        raise SystemExit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
+    env_kwargs = info["env_kwargs"] if args.env_id is None else {}
+    run_name = f"{args.dataset.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{run_name}", info.get("eval_env"))
+    env_name = env_id or env.spec.id
+    check_env_matches(env, env_name, data)
+
+    returns_in_data = episode_returns(info["raw"])
+    reward_scale = 1.0
+    if args.normalize_reward and info["locomotion"]:
+        reward_scale = 1000.0 / max(returns_in_data.max() - returns_in_data.min(), 1e-8)
+    ref_scores = info["ref_scores"]
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # the whole dataset sits on the device as tensors: a batch is one index operation, no Python copy
+    D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+    D["rewards"] = D["rewards"] * reward_scale
+    n_data = len(D["rewards"])
+    obs_dim, act_dim = D["observations"].shape[1], D["actions"].shape[1]
+
+    policy = GaussianPolicy(obs_dim, env.action_space.low, env.action_space.high, args.hidden_size).to(device)
+    vf = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    critics = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(2)]
+    critics_target = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(2)]
+    for qf, qf_target in zip(critics, critics_target):
+        qf_target.load_state_dict(qf.state_dict())
+    q_params = [p for qf in critics for p in qf.parameters()]
+    q_target_params = [p for qf in critics_target for p in qf.parameters()]
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate)
+    policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    policy_lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(policy_optimizer, args.total_timesteps)
+    print(
+        f"{args.exp_name}: {args.dataset}: {n_data} transitions ({len(returns_in_data)} trajectories, return "
+        f"{returns_in_data.mean():.1f} mean, {returns_in_data.min():.1f}..{returns_in_data.max():.1f}), reward scale "
+        f"{reward_scale:.4g}; eval env {env_name}; beta={args.beta}, eta={args.eta}; device={device}; "
+        f"logging to runs/{run_name}"
+    )
+
+    start_time = time.time()
+    for global_step in range(args.total_timesteps):
+        idx = torch.randint(0, n_data, (args.batch_size,), device=device)
+        b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
+        b_next_obs, b_dones = D["next_observations"][idx], D["dones"][idx]
+
+        # ---- V: Gumbel regression on min_i Q_bar_i(s, a) at dataset actions ----
+        with torch.no_grad():
+            q_bar = torch.min(critics_target[0](b_obs, b_actions), critics_target[1](b_obs, b_actions))
+        v = vf(b_obs)
+        v_loss = gumbel_loss(v, q_bar, args.beta, args.exp_clip)
+        v_optimizer.zero_grad(set_to_none=True)
+        v_loss.backward()
+        v_optimizer.step()
+
+        # ---- policy: advantage-weighted regression (Eq. 12) with the V just updated ----
+        with torch.no_grad():
+            weights = awr_weights(q_bar, vf(b_obs), args.eta, args.max_weight)
+        policy_loss = awr_loss(policy.log_prob(b_obs, b_actions), weights)
+        policy_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        policy_optimizer.step()
+        policy_lr_schedule.step()
+
+        # ---- Q: regression on r + gamma (1 - done) V(s') ----
+        with torch.no_grad():
+            y = critic_target(b_rewards, b_dones, vf(b_next_obs), args.gamma)
+        q_values = [qf(b_obs, b_actions) for qf in critics]
+        q_loss = sum((q - y).pow(2).mean() for q in q_values)
+        q_optimizer.zero_grad(set_to_none=True)
+        q_loss.backward()
+        q_optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(q_target_params, q_params, args.lam)
+
+        if global_step % args.log_frequency == 0:
+            if not (torch.isfinite(v_loss) and torch.isfinite(q_loss) and torch.isfinite(policy_loss)):
+                raise SystemExit(
+                    f"error: a loss is not finite at step {global_step} (value {v_loss.item()}, critics "
+                    f"{q_loss.item()}, policy {policy_loss.item()}): training diverged; try a larger --beta or a "
+                    "smaller --exp-clip"
+                )
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/qf_loss", q_loss.item() / 2, global_step)
+            writer.add_scalar("losses/policy_loss", policy_loss.item(), global_step)
+            writer.add_scalar("losses/v_values", v.mean().item(), global_step)
+            writer.add_scalar("losses/qf1_values", q_values[0].mean().item(), global_step)
+            writer.add_scalar("losses/max_z", ((q_bar - v) / args.beta).max().item(), global_step)
+            writer.add_scalar("losses/awr_weights_mean", weights.mean().item(), global_step)
+            writer.add_scalar(
+                "losses/awr_weights_capped_frac", (weights >= args.max_weight).float().mean().item(), global_step
+            )
+            writer.add_scalar("charts/policy_learning_rate", policy_optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
+            returns = evaluate_policy(policy, env, args.eval_episodes, device, args.seed + 10_000)
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            line = f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} +- {returns.std():.1f}"
+            if ref_scores is not None:
+                score = normalized_score(returns, *ref_scores)
+                writer.add_scalar("eval/normalized_score", score.mean(), global_step)
+                line += f", normalized score {score.mean():.1f} +- {score.std():.1f}"
+            print(f"{line}, SPS {int((global_step + 1) / (time.time() - start_time))}", flush=True)
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save(
+            {
+                "args": vars(args),
+                "policy": policy.state_dict(),
+                "vf": vf.state_dict(),
+                "critics": [qf.state_dict() for qf in critics],
+            },
+            model_path,
+        )
+        print(f"model saved to {model_path}")
+        if env_id is not None:
+            returns = evaluate(model_path, env_id, args.eval_episodes, args.seed + 20_000, str(device), env_kwargs)
+            for idx, episodic_return in enumerate(returns):
+                writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    env.close()
+    writer.close()
