@@ -1,0 +1,548 @@
+"""Soft Q-learning DQN on Atari: DQN with entropy- or KL-regularised ("soft") backups, single file.
+
+Paper: Schulman, Chen, Abbeel, "Equivalence Between Policy Gradients and Soft Q-Learning", 2017,
+Section 6.2 ("a one-line change to a DQN implementation"). Spec: ALGORITHMS.md section 3.
+
+For a Q-function and a temperature tau, with LSE(s) = tau * ln sum_a exp(Q(s,a)/tau), the
+Boltzmann policy pi_Q = exp((Q - LSE)/tau), its entropy H(s) and KL(s) = KL(pi_Q || uniform)
+= ln|A| - H(s), the three targets (Eqs. 81-83, in the corrected form of Eqs. 39/45) are
+
+  hard     y = r + gamma * (1 - done) * max_a' Q_bar(s', a')
+  entropy  y = r + gamma * (1 - done) * LSE_Q_bar(s')
+  kl       y = r + gamma * (1 - done) * (LSE_Q_bar(s') - tau * ln|A|)       (V = tau ln mean exp(Q/tau))
+
+and with n-step returns (Eq. 46; the tau*KL at s_t cancels), j = steps to the end of the window
+or of the episode, whichever comes first:
+
+  y_t = r_t + sum_{k=1}^{j-1} gamma^k (r_{t+k} + e(s_{t+k})) + gamma^j (1 - done) V_Q_bar(s_{t+j}),
+  e = +tau * H (entropy), -tau * KL (kl), 0 (hard), computed from Q_bar at the stored states.
+
+Terminations stop bootstrapping; truncations (the 108 000-frame limit) bootstrap from the true
+last observation. The loss is the squared error to y (CleanRL's dqn_atari.py; Nature DQN uses a
+Huber loss and RMSprop). Exploration is epsilon-greedy as in the paper (all conditions);
+`--boltzmann` samples from pi_Q instead.
+
+Settings follow CleanRL's dqn_atari.py (from OpenAI baselines): Adam 1e-4, replay 1M, batch 32,
+a gradient step every 4 env steps, target copy every 1000 steps, 80k warm-up, epsilon 1 -> 0.01
+over the first 10% of 10M steps, rewards clipped to their sign for training (so tau acts on that
+scale; logged returns are the game's own), tau = 0.1 for the soft targets (the paper: entropy with
+tau = 0.1 did a bit better than DQN, KL worse).
+
+Atari: ale-py's C++ vector env (`AtariVectorEnv`), which does DeepMind's preprocessing itself
+(no-op starts, frame skip 4 with max-pooling, 84x84 grayscale, 4-frame stack, fire on reset) and
+needs no OpenCV, unlike gymnasium's AtariPreprocessing; it is also faster, since frames never
+cross into Python before they are 84x84. Sticky actions are off by default (the paper's setting;
+`--sticky-actions` uses ALE v5's 0.25), episodic life is a flag.
+
+Replay stores each frame once, not 4-frame stacks: an episode writes its reset stack, then one
+frame per step, and a transition keeps the index of its newest frame, so a stack is 4
+consecutive frames and never mixes two episodes. 1M transitions take about 7.1 GB (CleanRL's
+buffer of stacks and next-stacks: about 56 GB, or 28 GB with its memory optimisation).
+
+Usage:
+    python soft_dqn_atari.py --env-id BreakoutNoFrameskip-v4 --target entropy
+    python soft_dqn_atari.py --env-id ALE/Pong-v5 --target kl --tau 0.1 --n-step 3
+"""
+
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanrl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+
+    # Algorithm specific arguments
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """the Atari game: BreakoutNoFrameskip-v4, ALE/Breakout-v5 or breakout all mean Breakout"""
+    total_timesteps: int = 10000000
+    """total timesteps of the experiments (agent steps; 4 frames each)"""
+    learning_rate: float = 1e-4
+    """the learning rate of the Adam optimizer"""
+    buffer_size: int = 1000000
+    """the replay memory buffer size (transitions)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    target: Literal["hard", "entropy", "kl"] = "entropy"
+    """the backup: `hard` (DQN), `entropy` (soft Q, entropy bonus) or `kl` (soft Q, KL to uniform)"""
+    tau: float = 0.1
+    """the temperature tau of the soft targets (on the clipped-reward scale)"""
+    n_step: int = 1
+    """n of the n-step return (Eq. 46)"""
+    target_network_frequency: int = 1000
+    """the timesteps it takes to copy the Q-network into the target network"""
+    batch_size: int = 32
+    """the batch size of sample from the reply memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.01
+    """the ending epsilon for exploration"""
+    exploration_fraction: float = 0.10
+    """the fraction of `total-timesteps` it takes from start-e to go end-e"""
+    boltzmann: bool = False
+    """act by sampling the Boltzmann policy pi_Q (temperature tau) instead of epsilon-greedy"""
+    learning_starts: int = 80000
+    """timestep to start learning"""
+    train_frequency: int = 4
+    """the frequency of training (env steps per gradient step)"""
+    sticky_actions: bool = False
+    """repeat the previous action with probability 0.25 (ALE v5); off in the paper's setting"""
+    episodic_life: bool = False
+    """end training episodes (not the logged game episodes) at a life loss"""
+    max_episode_frames: int = 108000
+    """truncate episodes after this many frames (ALE's 30 minutes; truncations still bootstrap)"""
+    eval_frequency: int = 250000
+    """run evaluation episodes every this many steps"""
+    eval_episodes: int = 10
+    """the number of evaluation episodes (epsilon = eval-epsilon)"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation episodes"""
+    log_frequency: int = 100
+    """log losses every this many gradient steps"""
+
+
+def check_args(args: Args) -> None:
+    """Stop with a one-line error naming the fix, before anything is built."""
+    if args.target != "hard" and not args.tau > 0:
+        raise SystemExit(f"error: --tau must be > 0 with --target {args.target} (got {args.tau}); the paper uses 0.1")
+    if args.boltzmann and not args.tau > 0:
+        raise SystemExit(f"error: --boltzmann needs --tau > 0 (got {args.tau})")
+    if args.n_step < 1:
+        raise SystemExit(f"error: --n-step must be at least 1 (got {args.n_step})")
+    if args.batch_size < 1 or args.buffer_size < 4 * args.batch_size or args.train_frequency < 1:
+        raise SystemExit("error: --batch-size and --train-frequency must be positive and --buffer-size >= 4 x batch")
+
+
+def atari_game(env_id: str) -> str:
+    """The ALE game name of an Atari env id, or a one-line error for anything else."""
+    import ale_py
+
+    m = re.fullmatch(r"(?:ALE/)?([A-Za-z]+?)(?:NoFrameskip)?(?:-ram)?(?:-v\d+)?", env_id)
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower() if m else ""
+    roms = set(ale_py.roms.get_all_rom_ids())
+    if "-ram" in env_id or snake not in roms:
+        raise SystemExit(
+            f"error: {env_id} is not an Atari game with image observations and discrete actions; "
+            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5 (continuous control: xql_sac.py, iq_continuous.py)"
+        )
+    return snake
+
+
+def make_env(game: str, num_envs: int, seed: int, sticky: bool, episodic_life: bool, max_frames: int = 108000):
+    """ale-py's C++ vector env with DeepMind's preprocessing; rewards unclipped (we clip for training)."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    env = AtariVectorEnv(
+        game,
+        num_envs=num_envs,
+        num_threads=1,
+        repeat_action_probability=0.25 if sticky else 0.0,
+        episodic_life=episodic_life,
+        reward_clipping=False,
+        max_num_frames_per_episode=max_frames,
+        noop_max=30,
+        frameskip=4,
+        stack_num=4,
+        img_height=84,
+        img_width=84,
+        grayscale=True,
+        maxpool=True,
+        use_fire_reset=True,
+    )
+    env.action_space.seed(seed)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay: each frame stored once
+# ---------------------------------------------------------------------------------------------
+class FrameReplayBuffer:
+    """Frames in one circular array; transitions keep the absolute index of their newest frame.
+
+    An episode writes its reset stack (4 frames), then one frame per step (the true last frame too),
+    so the stack of any stored state is 4 consecutive frames of one episode. A transition whose
+    oldest frame has been overwritten is never sampled."""
+
+    def __init__(self, capacity: int, stack: int = 4, frame_shape=(84, 84)):
+        self.capacity, self.stack = capacity, stack
+        self.frames = np.zeros((capacity, *frame_shape), dtype=np.uint8)
+        self.frame_count = 0  # frames written so far (absolute)
+        self.newest = np.zeros(capacity, dtype=np.int64)  # absolute frame index of s_t's newest frame
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.dones = np.zeros(capacity, dtype=bool)  # s_{t+1} is terminal: no bootstrap
+        self.ends = np.zeros(capacity, dtype=bool)  # s_{t+1} ends the episode (termination or truncation)
+        self.count = 0  # transitions written so far (absolute)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.frames, self.newest, self.actions, self.rewards, self.dones, self.ends))
+
+    def _write_frame(self, frame) -> None:
+        self.frames[self.frame_count % self.capacity] = frame
+        self.frame_count += 1
+
+    def start_episode(self, stack) -> None:
+        for frame in stack:
+            self._write_frame(frame)
+
+    def add(self, action: int, reward: float, terminated: bool, truncated: bool, next_frame) -> None:
+        i = self.count % self.capacity
+        self.newest[i] = self.frame_count - 1
+        self.actions[i], self.rewards[i] = action, reward
+        self.dones[i], self.ends[i] = terminated, terminated or truncated
+        self._write_frame(next_frame)
+        self.count += 1
+
+    def stacks(self, newest: np.ndarray) -> np.ndarray:
+        """(..., stack, 84, 84) uint8 stacks whose newest frames have these absolute indices."""
+        idx = newest[..., None] + np.arange(1 - self.stack, 1)
+        return self.frames[idx % self.capacity]
+
+    def sample_ids(self, batch_size: int, n_step: int, rng: np.random.Generator) -> np.ndarray:
+        """Absolute ids t of transitions whose n-step window is stored and whose frames are intact."""
+        lo, hi = max(0, self.count - self.capacity), self.count - n_step  # t + n - 1 < count
+        ids = np.empty(0, dtype=np.int64)
+        while len(ids) < batch_size:
+            cand = rng.integers(lo, hi + 1, size=2 * batch_size)
+            oldest = self.newest[cand % self.capacity] - (self.stack - 1)
+            ids = np.concatenate([ids, cand[oldest >= self.frame_count - self.capacity]])
+        return ids[:batch_size]
+
+    def sample(self, batch_size: int, n_step: int, rng: np.random.Generator) -> dict:
+        """obs (B,4,84,84); actions (B,); for k < n: rewards, dones, ends (B,n) of step t+k and
+        next_obs (B,n,4,84,84) = s_{t+k+1}. Steps past an episode's end are masked by `ends`."""
+        t = self.sample_ids(batch_size, n_step, rng)
+        window = (t[:, None] + np.arange(n_step)) % self.capacity
+        p = self.newest[t % self.capacity]
+        return {
+            "obs": self.stacks(p),
+            "actions": self.actions[t % self.capacity],
+            "rewards": self.rewards[window],
+            "dones": self.dones[window],
+            "ends": self.ends[window],
+            # within an episode frames are consecutive, so s_{t+k+1}'s newest frame is p + k + 1
+            "next_obs": self.stacks(p[:, None] + np.arange(1, n_step + 1)),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Network
+# ---------------------------------------------------------------------------------------------
+class QNetwork(nn.Module):
+    """The Nature DQN CNN: 4x84x84 uint8 frames -> |A| Q-values."""
+
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            nn.Conv2d(4, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3136, 512),
+            nn.ReLU(),
+            nn.Linear(512, n_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x.float() / 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets (pure functions: tensors in, tensors out)
+# ---------------------------------------------------------------------------------------------
+def soft_value(q: torch.Tensor, tau: float, target: str) -> torch.Tensor:
+    """V(s) of each backup, computed with a stable log-sum-exp: max Q (hard), LSE (entropy),
+    LSE - tau ln|A| = tau ln mean exp(Q/tau) (kl, Eq. 29)."""
+    if target == "hard":
+        return q.max(-1).values
+    lse = tau * torch.logsumexp(q / tau, dim=-1)
+    return lse if target == "entropy" else lse - tau * np.log(q.shape[-1])
+
+
+def regularizer(q: torch.Tensor, tau: float, target: str) -> torch.Tensor:
+    """e(s) of Eq. 46: +tau * H(pi_Q) (entropy), -tau * KL(pi_Q || uniform) = -tau (ln|A| - H) (kl), 0 (hard)."""
+    if target == "hard":
+        return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+    log_pi = torch.log_softmax(q / tau, dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(-1)
+    return tau * entropy if target == "entropy" else -tau * (np.log(q.shape[-1]) - entropy)
+
+
+def nstep_target(rewards, dones, ends, q_next, gamma: float, tau: float, target: str):
+    """Eq. 46's target. rewards, dones, ends: (B, n), step t+k's reward and whether s_{t+k+1} is
+    terminal / ends the episode; q_next: (B, n, |A|) = Q_bar(s_{t+k+1}). The window stops at the
+    first end: a termination adds no bootstrap, a truncation bootstraps from its final state."""
+    n = rewards.shape[1]
+    discounts = gamma ** torch.arange(n + 1, dtype=rewards.dtype, device=rewards.device)
+    ended_before = torch.cumsum(ends.to(rewards.dtype), dim=1) - ends.to(rewards.dtype)  # ends among k' < k
+    alive = (ended_before == 0).to(rewards.dtype)  # step t+k is inside the episode
+    y = (discounts[:n] * alive * rewards).sum(1)
+    if n > 1:  # regulariser of the intermediate states s_{t+1} .. s_{t+n-1}
+        e = regularizer(q_next[:, :-1], tau, target)
+        y = y + (discounts[1:n] * alive[:, 1:] * e).sum(1)
+    # bootstrap from s_{t+j}: the first state that ends the episode, or the window's last
+    is_last = ends.clone()
+    is_last[:, -1] = True
+    boot = alive * is_last.to(rewards.dtype) * (1.0 - dones.to(rewards.dtype))
+    return y + (discounts[1:] * boot * soft_value(q_next, tau, target)).sum(1)
+
+
+def train_step(
+    q_network: QNetwork, target_network: QNetwork, optimizer, batch: dict, gamma: float, tau: float, target: str
+) -> dict:
+    """One gradient step on the squared error between Q(s_t, a_t) and the n-step target. Batch: tensors as
+    FrameReplayBuffer.sample returns them (obs uint8, next_obs (B,n,4,84,84))."""
+    B, n = batch["rewards"].shape
+    with torch.no_grad():
+        q_next = target_network(batch["next_obs"].flatten(0, 1)).view(B, n, -1)
+        y = nstep_target(batch["rewards"], batch["dones"], batch["ends"], q_next, gamma, tau, target)
+    q = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+    loss = F.mse_loss(q, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach(), "q_values": q.detach().mean(), "target_values": y.mean()}
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+@torch.no_grad()
+def act(
+    q_network: QNetwork,
+    obs: np.ndarray,
+    epsilon: float,
+    boltzmann: bool,
+    tau: float,
+    n_actions: int,
+    device: torch.device,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Actions for a (N,4,84,84) batch: epsilon-greedy, or sampled from pi_Q = softmax(Q/tau)."""
+    q = q_network(torch.as_tensor(obs, device=device))
+    if boltzmann:
+        return torch.distributions.Categorical(logits=q / tau).sample().cpu().numpy()
+    greedy = q.argmax(1).cpu().numpy()
+    explore = rng.random(len(greedy)) < epsilon
+    return np.where(explore, rng.integers(0, n_actions, len(greedy)), greedy)
+
+
+def evaluate_policy(
+    q_network: QNetwork,
+    game: str,
+    n_episodes: int,
+    epsilon: float,
+    seed: int,
+    device: torch.device,
+    sticky: bool = False,
+    video_folder: str | None = None,
+    max_frames: int = 108000,
+) -> np.ndarray:
+    """Game returns (unclipped, whole games) of epsilon-greedy episodes."""
+    env = make_env(game, 1, seed, sticky, episodic_life=False, max_frames=max_frames)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    returns, ret, frames = [], 0.0, []
+    while len(returns) < n_episodes:
+        action = act(q_network, obs, epsilon, False, 1.0, env.single_action_space.n, device, rng)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        ret += float(reward[0])
+        if video_folder is not None and len(returns) == 0:
+            frames.append(obs[0, -1])
+        if terminated[0] or truncated[0]:
+            returns.append(ret)
+            ret = 0.0
+            obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
+    env.close()
+    if video_folder is not None and frames:
+        from gymnasium.utils.save_video import save_video
+
+        rgb = [np.repeat(f[:, :, None], 3, axis=2) for f in frames]
+        save_video(rgb, video_folder, fps=15, name_prefix="eval")
+    return np.array(returns)
+
+
+def evaluate(
+    model_path: str,
+    env_id: str,
+    eval_episodes: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    epsilon: float = 0.001,
+    max_frames: int = 108000,
+) -> np.ndarray:
+    """Reload a model written by --save-model and return its evaluation game returns."""
+    checkpoint = torch.load(model_path, map_location=device)
+    game = atari_game(env_id)
+    n_actions = make_env(game, 1, seed, False, False).single_action_space.n
+    q_network = QNetwork(n_actions).to(device)
+    q_network.load_state_dict(checkpoint["q_network"])
+    return evaluate_policy(q_network, game, eval_episodes, epsilon, seed, torch.device(device), max_frames=max_frames)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    game = atari_game(args.env_id)
+    env = make_env(game, 1, args.seed, args.sticky_actions, args.episodic_life, args.max_episode_frames)
+    n_actions = env.single_action_space.n
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb") from None
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rng = np.random.default_rng(args.seed)
+
+    q_network = QNetwork(n_actions).to(device)
+    target_network = QNetwork(n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    rb = FrameReplayBuffer(min(args.buffer_size, args.total_timesteps + 4))
+    print(
+        f"{args.exp_name}: {game}, {n_actions} actions, target {args.target}"
+        f"{f' (tau={args.tau})' if args.target != 'hard' else ''}, {args.n_step}-step; replay buffer "
+        f"{rb.capacity} frames = {rb.nbytes / 2**30:.2f} GiB; device={device}; logging to runs/{run_name}"
+    )
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    rb.start_episode(obs[0])
+    game_return, game_length = 0.0, 0
+    for global_step in range(args.total_timesteps):
+        epsilon = linear_schedule(
+            args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps), global_step
+        )
+        if global_step < args.learning_starts and not args.boltzmann:
+            action = rng.integers(0, n_actions, 1)
+        else:
+            action = act(q_network, obs, epsilon, args.boltzmann, args.tau, n_actions, device, rng)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # train on the clipped reward; log the game's own
+        rb.add(int(action[0]), float(np.sign(reward[0])), bool(terminated[0]), bool(truncated[0]), next_obs[0, -1])
+        game_return += float(reward[0])
+        game_length += 1
+        obs = next_obs
+        if terminated[0] or truncated[0]:
+            # with episodic life, a life loss ends the training episode but not the game
+            if not args.episodic_life or info["lives"][0] == 0 or truncated[0]:
+                writer.add_scalar("charts/episodic_return", game_return, global_step)
+                writer.add_scalar("charts/episodic_length", game_length, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                game_return, game_length = 0.0, 0
+            obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
+            rb.start_episode(obs[0])
+
+        if global_step >= args.learning_starts and global_step % args.train_frequency == 0:
+            batch = rb.sample(args.batch_size, args.n_step, rng)
+            batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+            stats = train_step(q_network, target_network, optimizer, batch, args.gamma, args.tau, args.target)
+            if global_step % (args.log_frequency * args.train_frequency) == 0:
+                loss = stats["loss"].item()
+                if not np.isfinite(loss):
+                    raise SystemExit(
+                        f"error: the TD loss is {loss} at step {global_step}: training diverged; "
+                        "try a smaller --learning-rate or a larger --tau"
+                    )
+                writer.add_scalar("losses/td_loss", loss, global_step)
+                writer.add_scalar("losses/q_values", stats["q_values"].item(), global_step)
+                writer.add_scalar("losses/target_values", stats["target_values"].item(), global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            if global_step % args.target_network_frequency == 0:
+                target_network.load_state_dict(q_network.state_dict())
+
+        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
+            video = f"videos/{run_name}" if args.capture_video else None
+            returns = evaluate_policy(
+                q_network,
+                game,
+                args.eval_episodes,
+                args.eval_epsilon,
+                args.seed + 10_000,
+                device,
+                args.sticky_actions,
+                video,
+                args.max_episode_frames,
+            )
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            sps = int((global_step + 1) / (time.time() - start_time))
+            print(
+                f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
+                f"+- {returns.std():.1f}, epsilon {epsilon:.3f}, SPS {sps}",
+                flush=True,
+            )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"args": vars(args), "q_network": q_network.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+        returns = evaluate(
+            model_path,
+            args.env_id,
+            args.eval_episodes,
+            args.seed + 20_000,
+            str(device),
+            args.eval_epsilon,
+            args.max_episode_frames,
+        )
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+
+    env.close()
+    writer.close()
