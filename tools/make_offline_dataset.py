@@ -165,6 +165,10 @@ def write_minari(
         env=gym.make(env_id),
         eval_env=env_id,
         algorithm_name="tools/make_offline_dataset.py",
+        author="tools/make_offline_dataset.py",
+        author_email="-",
+        code_permalink="-",
+        description=f"{len(episodes)} episodes of {env_id} rolled out by tools/make_offline_dataset.py",
         **scores,
     )
 
