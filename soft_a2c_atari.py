@@ -201,7 +201,8 @@ class Agent(nn.Module):
 # Returns and losses (pure functions: tensors in, tensors out)
 # ---------------------------------------------------------------------------------------------
 def penalty(logits: torch.Tensor, regularizer: str) -> torch.Tensor:
-    """p(s): KL(pi || uniform) = ln|A| - H(pi) (kl) or -H(pi) (entropy); tau * p(s) is the loss term."""
+    """p(s) of Eqs. 79/80: KL(pi || uniform) = ln|A| - H(pi) (kl, Eq. 29's prior) or -H(pi) (entropy);
+    tau * p(s) is the loss term, -tau * p(s) the reward shaping of the proper return."""
     log_pi = torch.log_softmax(logits, -1)
     neg_entropy = (log_pi.exp() * log_pi).sum(-1)
     return neg_entropy + np.log(logits.shape[-1]) if regularizer == "kl" else neg_entropy

@@ -426,7 +426,8 @@ def awr_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def critic_target(rewards, dones, v_next, gamma: float):
-    """r + gamma * (1 - done) * V(s'); done = 1 for terminations only, time-outs bootstrap."""
+    """The critics' target of offline X-QL (Section 3.5, as IQL): r + gamma * (1 - done) * V(s'), with the V just
+    updated (no target V); done = 1 for terminations only, time-outs bootstrap."""
     return rewards + gamma * (1.0 - dones) * v_next
 
 

@@ -256,12 +256,13 @@ def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: flo
 
 
 def critic_target(rewards, dones, v_next, gamma: float):
-    """X-SAC's critic target r + gamma*(1 - done)*V_bar(s'); done = 1 for terminations only."""
+    """X-SAC's critic target (Section 3.4; ALGORITHMS.md section 2): r + gamma*(1 - done)*V_bar(s'); done = 1 for
+    terminations only, no log-prob term (the soft value V carries the entropy)."""
     return rewards + gamma * (1.0 - dones) * v_next
 
 
 def value_target(q1_pi, q2_pi, log_pi, alpha_sac, value_loss: str):
-    """The value network's regression target at fresh policy actions a ~ pi(.|s).
+    """The value network's regression target at fresh policy actions a ~ pi(.|s) (Section 3.4, Eq. 7/11).
 
     X-SAC (`gumbel`): min_i Q_i(s, a); the Gumbel loss turns it into a soft maximum, no entropy term.
     SAC (`sac`): min_i Q_i(s, a) - alpha_sac * ln pi(a|s) (Haarnoja et al. 2018, value-network SAC)."""
@@ -270,6 +271,7 @@ def value_target(q1_pi, q2_pi, log_pi, alpha_sac, value_loss: str):
 
 
 def value_loss_fn(v, target, value_loss: str, beta: float, clip: float):
+    """Gumbel regression (Eq. 7/11) for X-SAC, squared error for SAC."""
     return gumbel_loss(v, target, beta, clip) if value_loss == "gumbel" else F.mse_loss(v, target)
 
 

@@ -238,6 +238,7 @@ def xtd3_target(rewards, dones, q1_next, q2_next, gamma: float, double_q: bool):
 
 
 def critic_loss_fn(q, target, critic_loss: str, beta: float, clip: float):
+    """Gumbel regression (Eq. 7/11, on the target of Eq. 9) for X-TD3, squared error for TD3."""
     return gumbel_loss(q, target, beta, clip) if critic_loss == "gumbel" else F.mse_loss(q, target)
 
 
