@@ -11,17 +11,21 @@ V_phi (Eq. 1):
 and one regression loss trains both networks (Eq. 2; the (1 - done) mask is left implicit in
 the paper):
 
-    L(theta, phi) = E[(r + alpha*tau*ln pi_theta_bar(a|s) + gamma*(1 - done)*V_phi_bar(s')
+    L(theta, phi) = E[(r + alpha*clip(tau*ln pi_theta_bar(a|s), l0, 0) + gamma*(1 - done)*V_phi_bar(s')
                        - tau*ln pi_theta(a|s) - V_phi(s))^2]
 
-theta_bar and phi_bar are Polyak copies. This file is Munchausen-IQ: alpha = 0.9 (the paper's
-best value). The Munchausen term alpha*tau*ln pi_theta_bar(a|s) adds the target policy's own
-log-probability to the reward, which regularises implicitly with a KL to the previous policy
-(Section 3): by Theorem 1 one exact M-IQ step is a step of Mirror-Descent VI with KL weight
-alpha*tau and entropy weight (1 - alpha)*tau, so pi_{k+2} is proportional to
-pi_{k+1}^alpha * exp((r + gamma*P V_k)/tau), and the policy converges to the optimum of the MDP
-regularised by the entropy weight (1 - alpha)*tau. alpha = 0 gives back IQ (iq_continuous.py,
-which is this file with alpha = 0).
+theta_bar and phi_bar are Polyak copies. This file is iq_continuous.py plus the Munchausen term
+alpha*tau*ln pi_theta_bar(a|s), alpha = 0.9 (the paper's best): the target policy's own
+log-probability added to the reward regularises implicitly with a KL to the previous policy
+(Section 3). By Theorem 1 one exact M-IQ step is a step of Mirror-Descent VI with KL weight
+alpha*tau and entropy weight (1 - alpha)*tau, pi_{k+2} proportional to
+pi_{k+1}^alpha * exp((r + gamma*P V_k)/tau).
+
+The clip (ours, from Munchausen-DQN, which IQ extends; the paper does not say whether IQ clips):
+tau*ln pi_bar is clipped to [l0, 0] with l0 = -1. Iterating Eq. (2) exactly drives tau*ln pi to
+A/(1 - alpha), ten times the soft advantage at alpha = 0.9, and with tau = 0.01 ln pi of replay
+actions reached -5300 on Hopper-v5 unclipped, so the bonus swamped the reward.
+`--munchausen-clip None` gives Eq. (2) as printed.
 
 Policy (Section 4): multicategorical. Each of the m action dimensions is discretised into
 n_bins evenly spaced values spanning the env's bounds, both ends included, and
@@ -31,16 +35,13 @@ the logits. The replay buffer stores bin indices (the loss needs ln pi of the ac
 the env receives the bin values.
 
 Everything else is SAC's (the paper keeps SAC's settings): 256-256 ReLU MLPs, Adam 3e-4,
-batch 256, replay 1M, one gradient step per env step, Polyak rate lambda = 0.005 on both
+batch 256, replay 1M, one gradient step per env step, Polyak rate lambda = 0.005 on both target
 networks, tau = 0.01 on MuJoCo.
 
 Ablations (paper, Fig. 2), as flags:
-  --residual         PCL (alpha = 0) / Trust-PCL (alpha > 0): the online V_phi(s') replaces
-                     V_phi_bar(s') and is differentiated (the paper uses tau = 1e-4 there).
+  --residual         Trust-PCL: the online V_phi(s') replaces V_phi_bar(s') and is differentiated
+                     (the paper uses tau = 1e-4 there).
   --policy gaussian  a tanh-squashed Gaussian policy instead of the multicategorical one.
-  --munchausen-clip  clip tau*ln pi_theta_bar in the Munchausen term to [l0, 0] as M-DQN does
-                     (l0 = -1 there); the paper does not say whether IQ clips, so the default
-                     is no clip (Eq. 2 as written). It has no effect when alpha = 0.
 
 Choices of ours (not in the paper): bins include both bounds; the warm-up samples uniform
 random bins; evaluation acts with the most likely bin per dimension (the Gaussian's mean);
@@ -97,7 +98,7 @@ class Args:
     gamma: float = 0.99
     """the discount factor gamma"""
     lam: float = 0.005
-    """Polyak rate lambda of both target networks: x_bar <- (1 - lambda) x_bar + lambda x"""
+    """Polyak rate lambda of the target network(s): x_bar <- (1 - lambda) x_bar + lambda x (CleanRL's `tau`)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
     learning_starts: int = 5000
@@ -107,15 +108,15 @@ class Args:
     tau: float = 0.01
     """the temperature tau of the implicit Q-value tau*ln pi + V (paper: 0.01 MuJoCo, 0.001 Adroit)"""
     alpha: float = 0.9
-    """the Munchausen coefficient alpha in [0, 1] (0.9: M-IQ, the paper's best; 0: IQ)"""
+    """the Munchausen coefficient alpha in [0, 1] (0.9: the paper's best; 0 gives back IQ)"""
+    munchausen_clip: float | None = -1.0
+    """clip tau*ln pi_bar in the Munchausen term to [l0, 0], M-DQN's l0 = -1 (`None`: no clip, Eq. 2 as printed)"""
     n_bins: int = 11
     """number of bins per action dimension of the multicategorical policy"""
     policy: Literal["multicategorical", "gaussian"] = "multicategorical"
     """the policy class; `gaussian` is the paper's Gaussian-policy ablation"""
     residual: bool = False
-    """the residual ablation: online, differentiated V(s') in the target (PCL if alpha = 0, Trust-PCL if alpha > 0)"""
-    munchausen_clip: float | None = None
-    """if set to l0 < 0, clip tau*ln pi_bar in the Munchausen term to [l0, 0] like M-DQN (l0 = -1)"""
+    """the residual ablation: online, differentiated V(s') in the target (Trust-PCL)"""
     eval_frequency: int = 10000
     """run a deterministic evaluation every this many environment steps"""
     eval_episodes: int = 10
@@ -129,11 +130,11 @@ def check_args(args: Args) -> None:
     if not args.tau > 0:
         raise SystemExit(f"error: --tau must be > 0 (got {args.tau}); the paper uses 0.01 on MuJoCo")
     if not 0.0 <= args.alpha <= 1.0:
-        raise SystemExit(f"error: --alpha must be in [0, 1] (got {args.alpha}); use 0 for IQ or 0.9 for M-IQ")
-    if args.n_bins < 2:
-        raise SystemExit(f"error: --n-bins must be at least 2 (got {args.n_bins}); the paper uses 11")
+        raise SystemExit(f"error: --alpha must be in [0, 1] (got {args.alpha}); the paper's M-IQ uses 0.9")
     if args.munchausen_clip is not None and not args.munchausen_clip < 0:
         raise SystemExit(f"error: --munchausen-clip must be < 0 (got {args.munchausen_clip}); M-DQN uses -1")
+    if args.n_bins < 2:
+        raise SystemExit(f"error: --n-bins must be at least 2 (got {args.n_bins}); the paper uses 11")
     if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1:
         raise SystemExit("error: --batch-size, --total-timesteps and --buffer-size must be positive")
 
@@ -303,12 +304,12 @@ class ReplayBuffer:
 # ---------------------------------------------------------------------------------------------
 # Loss and target (pure functions: tensors in, tensors out)
 # ---------------------------------------------------------------------------------------------
-def iq_target(rewards, dones, log_pi_target, v_next, gamma: float, tau: float, alpha: float, l0=None):
-    """The regression target of Eq. (2): r + alpha*tau*ln pi_bar(a|s) + gamma*(1 - done)*V(s').
+def miq_target(rewards, dones, log_pi_target, v_next, gamma: float, tau: float, alpha: float, l0=None):
+    """The regression target of Eq. (2): r + alpha*clip(tau*ln pi_bar(a|s), l0, 0) + gamma*(1 - done)*V(s').
 
     `dones` is 1 for terminations only: a time-limit truncation still bootstraps from V(s').
-    `l0` optionally clips tau*ln pi_bar to [l0, 0] (M-DQN's clip). The caller decides whether
-    V(s') is the target network (IQ) or the online one with gradient (--residual, PCL)."""
+    `l0` clips tau*ln pi_bar to [l0, 0] (M-DQN's clip; None: no clip). The caller decides whether
+    V(s') is the target network (M-IQ) or the online one with gradient (--residual, Trust-PCL)."""
     munchausen = tau * log_pi_target
     if l0 is not None:
         munchausen = munchausen.clamp(l0, 0.0)
@@ -320,18 +321,44 @@ def iq_loss(log_pi, v, target, tau: float):
     return (target - (tau * log_pi + v)).pow(2).mean()
 
 
+def discounted_returns(rewards, gamma: float) -> np.ndarray:
+    """G_t = sum_k gamma^k r_{t+k} to the end of the episode, for every step t of one episode."""
+    g, out = 0.0, np.zeros(len(rewards))
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + gamma * g
+        out[t] = g
+    return out
+
+
 @torch.no_grad()
-def evaluate_policy(policy: nn.Module, env: gym.Env, n_episodes: int, device: torch.device, seed: int) -> np.ndarray:
-    """Returns of `n_episodes` episodes acting with the most likely action (the policy's mode)."""
-    returns = []
+def evaluate_policy(
+    policy: nn.Module, env: gym.Env, n_episodes: int, device, seed: int, value=None, tau=0.01, gamma=0.99
+):
+    """Deterministic evaluation (the most likely action, the policy's mode): the returns of
+    `n_episodes` episodes, and the overestimation diagnostic over every visited state: the mean
+    implicit Q-value tau*ln pi(a|s) + V(s) (Eq. 1) of the action taken, and the mean discounted
+    return actually obtained from s (to the episode's end, so it is short of the true value near a
+    time-limit truncation). Both are nan without `value`."""
+    returns, q_estimates, discounted, rewards = [], [], [], []
     obs, _ = env.reset(seed=seed)
     while len(returns) < n_episodes:
-        raw = policy.mode(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
-        obs, _, terminated, truncated, info = env.step(policy.to_env(raw)[0].cpu().numpy())
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
+        raw = policy.mode(obs_t)
+        if value is not None:
+            q_estimates.append((tau * policy.log_prob(obs_t, raw) + value(obs_t)).item())
+        obs, reward, terminated, truncated, info = env.step(policy.to_env(raw)[0].cpu().numpy())
+        rewards.append(float(reward))
         if terminated or truncated:
             returns.append(float(info["episode"]["r"]))
+            discounted.extend(discounted_returns(rewards, gamma))
+            rewards = []
             obs, _ = env.reset()
-    return np.array(returns)
+    nan = float("nan")
+    return (
+        np.array(returns),
+        (np.mean(q_estimates) if value is not None else nan),
+        (np.mean(discounted) if value is not None else nan),
+    )
 
 
 def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
@@ -343,7 +370,7 @@ def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 
         saved["policy"], env.observation_space.shape[0], env.action_space.low, env.action_space.high, saved["n_bins"]
     ).to(device)
     policy.load_state_dict(checkpoint["policy"])
-    return evaluate_policy(policy, env, eval_episodes, torch.device(device), seed)
+    return evaluate_policy(policy, env, eval_episodes, torch.device(device), seed)[0]
 
 
 if __name__ == "__main__":
@@ -390,14 +417,14 @@ if __name__ == "__main__":
     policy_target.load_state_dict(policy.state_dict())
     value_target.load_state_dict(value.state_dict())
     online_params = list(policy.parameters()) + list(value.parameters())
-    target_params = list(policy_target.parameters()) + list(value_target.parameters())
+    target_params, polyak_params = list(policy_target.parameters()) + list(value_target.parameters()), online_params
     # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
     optimizer = torch.optim.Adam(online_params, lr=args.learning_rate, fused=True)  # one loss, one optimizer
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     print(
         f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} x {args.policy}"
         f"{f' ({args.n_bins} bins)' if args.policy == 'multicategorical' else ''}, tau={args.tau}, "
-        f"alpha={args.alpha}, device={device}, logging to runs/{run_name}"
+        f"alpha={args.alpha}, Munchausen clip {args.munchausen_clip}, device={device}, logging to runs/{run_name}"
     )
 
     start_time = time.time()
@@ -424,14 +451,11 @@ if __name__ == "__main__":
         if global_step >= args.learning_starts:
             b_obs, b_raw, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
             with torch.no_grad():
-                if args.alpha > 0:
-                    log_pi_target = policy_target.log_prob(b_obs, b_raw)
-                else:
-                    log_pi_target = torch.zeros_like(b_rewards)
+                log_pi_target = policy_target.log_prob(b_obs, b_raw)
                 v_next = value_target(b_next_obs)
-            if args.residual:  # PCL / Trust-PCL: online V(s'), differentiated
+            if args.residual:  # Trust-PCL: online V(s'), differentiated
                 v_next = value(b_next_obs)
-            y = iq_target(
+            y = miq_target(
                 b_rewards, b_dones, log_pi_target, v_next, args.gamma, args.tau, args.alpha, args.munchausen_clip
             )
             log_pi, v = policy.log_prob(b_obs, b_raw), value(b_obs)
@@ -444,8 +468,8 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():  # Polyak averaging of both target networks
-                torch._foreach_lerp_(target_params, online_params, args.lam)
+            with torch.no_grad():  # Polyak averaging of the target network(s)
+                torch._foreach_lerp_(target_params, polyak_params, args.lam)
 
             if global_step % args.log_frequency == 0:
                 with torch.no_grad():
@@ -458,12 +482,18 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
-            returns = evaluate_policy(policy, eval_env, args.eval_episodes, device, args.seed + 10_000)
+            returns, q_estimate, discounted_return = evaluate_policy(
+                policy, eval_env, args.eval_episodes, device, args.seed + 10_000, value, args.tau, args.gamma
+            )
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            # overestimation diagnostic: the implicit Q of the visited states against what they returned
+            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
+            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((global_step + 1) / (time.time() - start_time))
             print(
                 f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
-                f"+- {returns.std():.1f}, last train return {last_return:.1f}, SPS {sps}",
+                f"+- {returns.std():.1f}, Q estimate {q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
+                f"last train return {last_return:.1f}, SPS {sps}",
                 flush=True,
             )
 

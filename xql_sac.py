@@ -21,7 +21,7 @@ V (the critics have no target networks of their own: their target is V_bar).
 value network): V(s) <- min_i Q_i(s, a~pi) - alpha_sac * ln pi(a|s), squared error. The rest of
 the file is unchanged, so X-SAC and SAC can be compared from one script.
 
-The stable Gumbel loss (paper App. D.3): clip z to [-c, c] and factor out exp(m) with
+The stable Gumbel loss (paper App. D.3): clip z from above at c and factor out exp(m) with
 m = max(max_batch z, -1) (detached), which rescales the loss of each batch by exp(-m) and keeps
 the gradients bounded; the derivation of why the minimiser is unchanged is in `gumbel_loss`.
 
@@ -106,7 +106,7 @@ class Args:
     beta: float = 2.0
     """the Gumbel regression temperature beta (paper: 1-5 per env)"""
     exp_clip: float = 8.0
-    """clip of the normalised residual z = (y - V)/beta to [-c, c] in the Gumbel loss (paper: 8)"""
+    """upper clip c of the normalised residual z = (y - V)/beta in the Gumbel loss, min(z, c) (paper: 8)"""
     eval_frequency: int = 10000
     """run a deterministic evaluation (the policy's mean action) every this many environment steps"""
     eval_episodes: int = 10
@@ -245,12 +245,15 @@ def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: flo
     gradient, so the gradient is exp(-m) times the plain gradient mean(1 - exp(z))/beta: it has
     the same sign everywhere and the same zeros, hence the same full-batch minimiser. The scale
     exp(-m) <= e keeps every term bounded (exp(z - m) <= 1), and across minibatches it acts as
-    an adaptive learning rate. z is first clipped to [-clip, clip] (the online authors' code);
-    clipped samples get no gradient. clip=None skips the clip.
+    an adaptive learning rate. z is first clipped from above, min(z, clip): only z > 0 can
+    overflow, and clipped samples get no gradient. clip=None skips the clip.
     """
     z = (target - pred) / beta
     if clip is not None:
-        z = z.clamp(-clip, clip)
+        # from above only (as the offline authors' code): the online code's [-clip, clip] gave zero
+        # gradient to a prediction more than clip*beta above its target, so terminal targets stopped
+        # pulling Q down and Q drifted toward the value of never falling (measured on Hopper-v5)
+        z = z.clamp(max=clip)
     m = z.max().detach().clamp(min=-1.0)
     return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
 
@@ -275,18 +278,39 @@ def value_loss_fn(v, target, value_loss: str, beta: float, clip: float):
     return gumbel_loss(v, target, beta, clip) if value_loss == "gumbel" else F.mse_loss(v, target)
 
 
+def discounted_returns(rewards, gamma: float) -> np.ndarray:
+    """G_t = sum_k gamma^k r_{t+k} to the end of the episode, for every step t of one episode."""
+    g, out = 0.0, np.zeros(len(rewards))
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + gamma * g
+        out[t] = g
+    return out
+
+
 @torch.no_grad()
-def evaluate_policy(actor: Actor, env: gym.Env, n_episodes: int, device: torch.device, seed: int) -> np.ndarray:
-    """Returns of `n_episodes` episodes acting with the policy's mean action."""
-    returns = []
+def evaluate_policy(
+    actor: Actor, env: gym.Env, n_episodes: int, device: torch.device, seed: int, critics=(), gamma=0.99
+):
+    """Deterministic evaluation (the policy's mean action): the returns of `n_episodes` episodes, and
+    the overestimation diagnostic over every visited state: the mean of min_i Q_i(s, a) at the action
+    taken, and the mean discounted return actually obtained from s (to the episode's end, so it is
+    short of the true value near a time-limit truncation). Both are nan when `critics` is empty."""
+    returns, q_estimates, discounted, rewards = [], [], [], []
     obs, _ = env.reset(seed=seed)
     while len(returns) < n_episodes:
-        _, _, mean_action = actor.get_action(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))
-        obs, _, terminated, truncated, info = env.step(mean_action[0].cpu().numpy())
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
+        _, _, action = actor.get_action(obs_t)
+        if critics:
+            q_estimates.append(torch.min(torch.stack([qf(obs_t, action) for qf in critics])).item())
+        obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+        rewards.append(float(reward))
         if terminated or truncated:
             returns.append(float(info["episode"]["r"]))
+            discounted.extend(discounted_returns(rewards, gamma))
+            rewards = []
             obs, _ = env.reset()
-    return np.array(returns)
+    nan = float("nan")
+    return np.array(returns), (np.mean(q_estimates) if critics else nan), (np.mean(discounted) if critics else nan)
 
 
 def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
@@ -297,7 +321,7 @@ def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 
         env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
     ).to(device)
     actor.load_state_dict(checkpoint["actor"])
-    return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)
+    return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)[0]
 
 
 if __name__ == "__main__":
@@ -450,12 +474,18 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
-            returns = evaluate_policy(actor, eval_env, args.eval_episodes, device, args.seed + 10_000)
+            returns, q_estimate, discounted_return = evaluate_policy(
+                actor, eval_env, args.eval_episodes, device, args.seed + 10_000, (qf1, qf2), args.gamma
+            )
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            # overestimation diagnostic: the critics' value of the visited states against what they returned
+            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
+            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((global_step + 1) / (time.time() - start_time))
             print(
                 f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
-                f"+- {returns.std():.1f}, last train return {last_return:.1f}, SPS {sps}",
+                f"+- {returns.std():.1f}, Q estimate {q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
+                f"last train return {last_return:.1f}, SPS {sps}",
                 flush=True,
             )
 

@@ -36,11 +36,21 @@ V = torch.tensor([2.0, 0.5, 1.0])
 TAU, GAMMA = 0.1, 0.9
 
 
+def test_iq_eq2_loss_hand_computed():
+    """IQ (alpha = 0): y = r + gamma(1-d)V' = [1 + .9*3, -.5, 2 + .9*(-1)] = [3.7, -.5, 1.1];
+    tau ln pi + V = [1.93, .35, .98]; residuals [1.77, -.85, .12]; mean square 3.8698 / 3."""
+    import iq_continuous as iq
+
+    batch = {k: v for k, v in BATCH.items() if k != "log_pi_target"}
+    y = iq.iq_target(**batch, gamma=GAMMA)
+    torch.testing.assert_close(y, torch.tensor([3.7, -0.5, 1.1]), rtol=0, atol=1e-6)
+    assert iq.iq_loss(LOG_PI, V, y, TAU).item() == pytest.approx(3.8698 / 3, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "alpha, l0, expected_target, expected_loss",
     [
-        # alpha = 0: y = r + gamma(1-d)V'. y = [1 + .9*3, -.5, 2 + .9*(-1)] = [3.7, -.5, 1.1];
-        # tau ln pi + V = [1.93, .35, .98]; residuals [1.77, -.85, .12]; mean square 3.8698 / 3.
+        # alpha = 0 gives back IQ's target and loss (above).
         (0.0, None, [3.7, -0.5, 1.1], 3.8698 / 3),
         # alpha = .5: y gains alpha*tau*ln pi_bar = [-.05, -.1, -.025] -> [3.65, -.6, 1.075];
         # residuals [1.72, -.95, .095]; mean square 3.869925 / 3.
@@ -50,19 +60,43 @@ TAU, GAMMA = 0.1, 0.9
         (0.5, -0.15, [3.65, -0.575, 1.075], 3.82305 / 3),
     ],
 )
-def test_eq2_loss_hand_computed(iq, alpha, l0, expected_target, expected_loss):
-    y = iq.iq_target(**BATCH, gamma=GAMMA, tau=TAU, alpha=alpha, l0=l0)
+def test_miq_eq2_loss_hand_computed(alpha, l0, expected_target, expected_loss):
+    import miq_continuous as miq
+
+    y = miq.miq_target(**BATCH, gamma=GAMMA, tau=TAU, alpha=alpha, l0=l0)
     torch.testing.assert_close(y, torch.tensor(expected_target), rtol=0, atol=1e-6)
-    loss = iq.iq_loss(LOG_PI, V, y, TAU)
+    loss = miq.iq_loss(LOG_PI, V, y, TAU)
     assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+
+
+def test_miq_default_munchausen_bonus_stays_bounded():
+    """At the script's defaults the Munchausen bonus cannot swamp the reward: with ln pi_bar = -5300
+    (what replay actions reached on Hopper-v5 unclipped, tau = 0.01) the bonus stays within
+    [alpha*l0, 0] = [-0.9, 0], not alpha*tau*(-5300) = -47.7."""
+    import miq_continuous as miq
+
+    args = miq.Args()
+    assert args.alpha == 0.9 and args.munchausen_clip == -1.0
+    zeros = torch.zeros(3)
+    log_pi_bar = torch.tensor([-5300.0, -50.0, -0.01])
+    y = miq.miq_target(zeros, zeros, log_pi_bar, zeros, args.gamma, args.tau, args.alpha, args.munchausen_clip)
+    torch.testing.assert_close(y, torch.tensor([-0.9, -0.45, -0.9e-4]), rtol=0, atol=1e-6)
+
+
+def miq_or_iq_target(mod, r, dones, log_pi, v_next, gamma, tau, alpha):
+    """The script's own target: IQ's has no Munchausen term, so it only takes alpha = 0."""
+    if mod.__name__ == "iq_continuous":
+        assert alpha == 0.0
+        return mod.iq_target(r, dones, v_next, gamma=gamma)
+    return mod.miq_target(r, dones, log_pi, v_next, gamma=gamma, tau=tau, alpha=alpha, l0=None)
 
 
 def test_termination_cuts_bootstrap_truncation_keeps_it(iq):
     """d/dV(s') of the target is gamma for a truncation and 0 for a termination (residual mode
     differentiates through V(s'), so this is also what reaches the value network)."""
     v_next = BATCH["v_next"].clone().requires_grad_(True)
-    batch = dict(BATCH, v_next=v_next)
-    y = iq.iq_target(**batch, gamma=GAMMA, tau=TAU, alpha=0.9)
+    alpha = 0.0 if iq.__name__ == "iq_continuous" else 0.9
+    y = miq_or_iq_target(iq, BATCH["rewards"], BATCH["dones"], BATCH["log_pi_target"], v_next, GAMMA, TAU, alpha)
     y.sum().backward()
     torch.testing.assert_close(v_next.grad, torch.tensor([GAMMA, 0.0, GAMMA]))
 
@@ -165,8 +199,13 @@ def solve_iq_step_by_minimising_the_loss(iq, y, tau):
     return torch.log_softmax(logits.detach(), -1), v.detach()
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
-def test_theorem1_iq_steps_are_md_vi_steps(iq, alpha):
+@pytest.mark.parametrize(
+    "module, alpha",
+    [("iq_continuous", 0.0), ("miq_continuous", 0.0), ("miq_continuous", 0.5), ("miq_continuous", 0.9)],
+)
+def test_theorem1_iq_steps_are_md_vi_steps(module, alpha):
+    """IQ's steps are soft VI steps (MD-VI with no KL); M-IQ's are MD-VI(alpha*tau, (1-alpha)*tau)."""
+    iq = importlib.import_module(module)
     torch.manual_seed(1)
     tau, gamma = 0.3, 0.9
     r, P = random_mdp()
@@ -174,7 +213,7 @@ def test_theorem1_iq_steps_are_md_vi_steps(iq, alpha):
     v = torch.randn(4, dtype=torch.float64)  # V_k (target value)
     for _ in range(4):
         # the IQ step with the script's own target and loss
-        y = iq.iq_target(r, torch.zeros_like(r), log_pi, P @ v, gamma=gamma, tau=tau, alpha=alpha)
+        y = miq_or_iq_target(iq, r, torch.zeros_like(r), log_pi, P @ v, gamma, tau, alpha)
         log_pi_iq, v_iq = solve_iq_step_by_minimising_the_loss(iq, y, tau)
         # the MD-VI step of Theorem 1, computed independently
         log_pi_md, v_md = md_vi_step(r + gamma * P @ v, log_pi, alpha, tau)
@@ -214,7 +253,7 @@ def test_alpha0_small_tau_approaches_value_iteration(iq):
     for tau in [0.3, 0.03, 0.003]:
         v, log_pi = torch.zeros(6, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
         for _ in range(n_iter):
-            y = iq.iq_target(r, torch.zeros_like(r), log_pi, P @ v, gamma=gamma, tau=tau, alpha=0.0)
+            y = miq_or_iq_target(iq, r, torch.zeros_like(r), log_pi, P @ v, gamma, tau, 0.0)
             v = tau * torch.logsumexp(y / tau, -1)  # the zero-loss solution of Eq. (2)
             log_pi = (y - v[:, None]) / tau
         errors.append((v - v_vi).abs().max().item())
@@ -243,6 +282,8 @@ def test_end_to_end_hopper_logs_saves_and_reloads(script, workdir):
         "losses/v_values",
         "losses/tau_log_pi",
         "eval/episodic_return",
+        "eval/q_estimate",
+        "eval/discounted_return",
         "eval/reloaded_episodic_return",
     ]:
         assert scalars.get(tag), f"{tag} was not logged"
@@ -258,9 +299,16 @@ def test_end_to_end_hopper_logs_saves_and_reloads(script, workdir):
     assert printed == pytest.approx(returns.mean(), abs=0.06)
 
 
-@pytest.mark.parametrize("flags", [["--policy", "gaussian"], ["--residual", "--alpha", 0.9, "--munchausen-clip", -1]])
-def test_ablation_flags_run(flags, workdir):
-    proc = run_script("iq_continuous.py", ["--env-id", "Pendulum-v1", *flags, *SHORT], workdir, timeout=300)
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("iq_continuous.py", ["--policy", "gaussian"]),
+        ("iq_continuous.py", ["--residual"]),
+        ("miq_continuous.py", ["--residual", "--munchausen-clip", "None"]),
+    ],
+)
+def test_ablation_flags_run(script, flags, workdir):
+    proc = run_script(script, ["--env-id", "Pendulum-v1", *flags, *SHORT], workdir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [v for _, v in read_scalars(workdir)["losses/iq_loss"]]
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
@@ -274,12 +322,24 @@ def test_ablation_flags_run(flags, workdir):
         (["--tau", 0], ["--tau", "> 0"]),
         (["--tau", -0.5], ["--tau"]),
         (["--n-bins", 1], ["--n-bins", "at least 2"]),
-        (["--alpha", 1.5], ["--alpha", "[0, 1]"]),
-        (["--alpha", -0.1], ["--alpha"]),
     ],
 )
 def test_bad_input_stops_before_training(script, flags, names, workdir):
     proc = run_script(script, flags, workdir, timeout=120)
+    assert_one_line_error(proc, *names)
+    assert not (workdir / "runs").exists(), "no run may start on bad input"
+
+
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--alpha", 1.5], ["--alpha", "[0, 1]"]),
+        (["--alpha", -0.1], ["--alpha"]),
+        (["--munchausen-clip", 0.5], ["--munchausen-clip", "< 0"]),
+    ],
+)
+def test_miq_bad_input_stops_before_training(flags, names, workdir):
+    proc = run_script("miq_continuous.py", flags, workdir, timeout=120)
     assert_one_line_error(proc, *names)
     assert not (workdir / "runs").exists(), "no run may start on bad input"
 

@@ -83,11 +83,29 @@ def test_gumbel_loss_penalises_underestimates_exponentially(xql):
     assert below > above
 
 
-def test_clipped_samples_get_no_gradient(xql):
+def test_clip_is_from_above_only(xql):
+    """A residual above the clip gets no gradient; a prediction far *above* its target still gets the
+    full linear pull-down (1 - exp(z))/beta -> 1/beta (times the batch constant exp(-m))."""
     pred = torch.zeros(3, requires_grad=True)
     target = torch.tensor([100.0, 0.5, -100.0])
     xql.gumbel_loss(pred, target, 1.0, 5.0).backward()
-    assert pred.grad[0].item() == 0.0 and pred.grad[2].item() == 0.0 and pred.grad[1].item() != 0.0
+    m = 5.0  # the clipped max residual
+    assert pred.grad[0].item() == 0.0
+    assert pred.grad[1].item() == pytest.approx(math.exp(-m) * (1 - math.exp(0.5)) / 3)
+    assert pred.grad[2].item() == pytest.approx(math.exp(-m) * 1.0 / 3, rel=1e-6)
+
+
+def test_prediction_far_above_a_terminal_target_is_pulled_down(xql):
+    """On a terminal transition the target is just r. A Q far above it (here 100 against 1, with
+    beta = 3 and clip 8: z = -33) must come down to it; with a clip to [-c, c] it got no gradient
+    and stayed at 100 (what let X-TD3's and X-SAC's values drift up on Hopper-v5)."""
+    q = torch.tensor([100.0], requires_grad=True)
+    opt = torch.optim.SGD([q], lr=1.0)
+    for _ in range(3000):
+        opt.zero_grad()
+        xql.gumbel_loss(q.expand(8), torch.ones(8), 3.0, 8.0).backward()
+        opt.step()
+    assert q.item() == pytest.approx(1.0, abs=1e-3)
 
 
 @settings(max_examples=200, deadline=None)
@@ -167,6 +185,8 @@ COMMON_TAGS = [
     "losses/max_z",
     "losses/actor_loss",
     "eval/episodic_return",
+    "eval/q_estimate",
+    "eval/discounted_return",
     "eval/reloaded_episodic_return",
 ]
 EXTRA_TAGS = {
