@@ -1,7 +1,7 @@
 """M-IQ: Munchausen-IQ, IQ with the Munchausen term alpha > 0, for continuous control (single file).
 
 Paper: Vieillard, Andrychowicz, Raichuk, Pietquin, Geist, "Implicitly Regularized RL with
-Implicit Q-values", AISTATS 2022. Spec: ALGORITHMS.md section 1.
+Implicit Q-values", AISTATS 2022. Docs: docs/iq.md (the equations, the choices, the metrics).
 
 IQ has no Q-network. The Q-value is implicit in a policy network pi_theta and a value network
 V_phi (Eq. 1):
@@ -79,7 +79,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -425,6 +425,11 @@ if __name__ == "__main__":
         f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} x {args.policy}"
         f"{f' ({args.n_bins} bins)' if args.policy == 'multicategorical' else ''}, tau={args.tau}, "
         f"alpha={args.alpha}, Munchausen clip {args.munchausen_clip}, device={device}, logging to runs/{run_name}"
+    )
+    # coming from CleanRL: its `--tau` (Polyak rate) is `--lam` here; `--tau` is the paper's temperature
+    print(
+        f"--tau {args.tau} is the temperature of Q = tau*ln pi + V and --alpha {args.alpha} the Munchausen "
+        f"coefficient (not SAC's temperature); the Polyak rate (CleanRL's --tau) is --lam {args.lam}"
     )
 
     start_time = time.time()

@@ -1,7 +1,7 @@
 """Entropy-regularised A2C (naive or proper) and its soft Q-learning twin, on Atari, single file.
 
 Paper: Schulman, Chen, Abbeel, "Equivalence Between Policy Gradients and Soft Q-Learning", 2017,
-Sections 6.1 and 6.3. Spec: ALGORITHMS.md section 3.
+Sections 6.1 and 6.3. Docs: docs/soft_a2c.md.
 
 One network (Nature CNN torso, a policy head and a value head), 16 envs x 5-step rollouts. For a
 regulariser with temperature tau, a per-state penalty p(s) = KL(pi || uniform) (`--regularizer kl`)
@@ -64,7 +64,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -405,6 +405,7 @@ if __name__ == "__main__":
         f"{args.exp_name}: {game}, {n_actions} actions, {N} envs x {T} steps, update {args.update}, objective "
         f"{args.objective}, regularizer {args.regularizer}, tau={args.tau}; device={device}; logging to runs/{run_name}"
     )
+    print(f"--tau {args.tau} is the regularisation temperature (the role of CleanRL's --ent-coef)")
 
     start_time = time.time()
     obs, _ = envs.reset(seed=args.seed)

@@ -1,7 +1,7 @@
 """Soft Q-learning DQN on Atari: DQN with entropy- or KL-regularised ("soft") backups, single file.
 
 Paper: Schulman, Chen, Abbeel, "Equivalence Between Policy Gradients and Soft Q-Learning", 2017,
-Section 6.2 ("a one-line change to a DQN implementation"). Spec: ALGORITHMS.md section 3.
+Section 6.2 ("a one-line change to a DQN implementation"). Docs: docs/soft_dqn.md.
 
 For a Q-function and a temperature tau, with LSE(s) = tau * ln sum_a exp(Q(s,a)/tau), the
 Boltzmann policy pi_Q = exp((Q - LSE)/tau), its entropy H(s) and KL(s) = KL(pi_Q || uniform)
@@ -70,7 +70,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -459,6 +459,10 @@ if __name__ == "__main__":
         f"{args.exp_name}: {game}, {n_actions} actions, target {args.target}"
         f"{f' (tau={args.tau})' if args.target != 'hard' else ''}, {args.n_step}-step; replay buffer "
         f"{rb.capacity} frames = {rb.nbytes / 2**30:.2f} GiB; device={device}; logging to runs/{run_name}"
+    )
+    print(
+        f"--tau {args.tau} is the soft-Q temperature; the target network is copied every "
+        f"--target-network-frequency {args.target_network_frequency} steps (CleanRL's --tau 1.0 hard copy)"
     )
 
     start_time = time.time()

@@ -1,7 +1,7 @@
 """Offline Extreme Q-Learning (X-QL) on D4RL-style datasets, single file.
 
 Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023,
-Section 3.5 (offline), built the IQL way (Kostrikov et al. 2021). Spec: ALGORITHMS.md section 2.
+Section 3.5 (offline), built the IQL way (Kostrikov et al. 2021). Docs: docs/xql_offline.md.
 
 Gumbel regression (Eq. 7/11): for a prediction p of a target y and a temperature beta,
 z = (y - p)/beta and L(z) = exp(z) - z - 1, minimised over a constant p at
@@ -73,7 +73,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -540,6 +540,9 @@ if __name__ == "__main__":
         f"{returns_in_data.mean():.1f} mean, {returns_in_data.min():.1f}..{returns_in_data.max():.1f}), reward scale "
         f"{reward_scale:.4g}; eval env {env_name}; beta={args.beta}, eta={args.eta}; device={device}; "
         f"logging to runs/{run_name}"
+    )
+    print(
+        f"the critics' Polyak rate (CleanRL's --tau) is --lam {args.lam}; --beta {args.beta} is the Gumbel temperature"
     )
 
     start_time = time.time()

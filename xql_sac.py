@@ -1,7 +1,7 @@
 """X-SAC: Soft Actor-Critic with a Gumbel-regressed soft value (Extreme Q-Learning), single file.
 
 Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023.
-Spec: ALGORITHMS.md section 2 (the paper's text in ../shared/papers lost its equations).
+Docs: docs/xql_online.md (the equations, the choices, the metrics).
 
 Gumbel regression (Eq. 7/11). For a prediction p of a target y and a temperature beta,
 z = (y - p)/beta and L(z) = exp(z) - z - 1. By Lemma 3.2 the minimiser over a constant p is
@@ -63,7 +63,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -259,7 +259,7 @@ def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: flo
 
 
 def critic_target(rewards, dones, v_next, gamma: float):
-    """X-SAC's critic target (Section 3.4; ALGORITHMS.md section 2): r + gamma*(1 - done)*V_bar(s'); done = 1 for
+    """X-SAC's critic target (Section 3.4): r + gamma*(1 - done)*V_bar(s'); done = 1 for
     terminations only, no log-prob term (the soft value V carries the entropy)."""
     return rewards + gamma * (1.0 - dones) * v_next
 
@@ -382,6 +382,9 @@ if __name__ == "__main__":
         f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim}, value loss {args.value_loss}"
         f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.value_loss == 'gumbel' else ''}, "
         f"device={device}, logging to runs/{run_name}"
+    )
+    print(
+        f"--alpha {args.alpha} is SAC's initial temperature (as in CleanRL); the Polyak rate (CleanRL's --tau) is --lam {args.lam}"
     )
 
     start_time = time.time()

@@ -1,7 +1,7 @@
 """X-TD3: TD3 whose critics are trained by Gumbel regression (Extreme Q-Learning), single file.
 
 Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023.
-Spec: ALGORITHMS.md section 2 (the paper's text in ../shared/papers lost its equations).
+Docs: docs/xql_online.md (the equations, the choices, the metrics).
 
 Gumbel regression (Eq. 7/11). For a prediction p of a target y and a temperature beta,
 z = (y - p)/beta and L(z) = exp(z) - z - 1. By Lemma 3.2 the minimiser over a constant p is
@@ -59,7 +59,7 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "cleanrl"
+    wandb_project_name: str = "entropy-rl"
     """the wandb's project name"""
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
@@ -348,6 +348,7 @@ if __name__ == "__main__":
         f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.critic_loss == 'gumbel' else ''}, "
         f"{len(critics)} critic(s), device={device}, logging to runs/{run_name}"
     )
+    print(f"the Polyak rate (CleanRL's --tau) is --lam {args.lam}; --beta {args.beta} is the Gumbel temperature")
 
     start_time = time.time()
     obs, _ = env.reset(seed=args.seed)

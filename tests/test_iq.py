@@ -1,4 +1,4 @@
-"""Tests of iq_continuous.py and miq_continuous.py (ALGORITHMS.md section 1, Vieillard et al. 2022).
+"""Tests of iq_continuous.py and miq_continuous.py (Vieillard et al. 2022; docs/iq.md).
 
 Both scripts are tested with the same tests: M-IQ is IQ with the Munchausen term switched on, and
 each file must stand on its own."""

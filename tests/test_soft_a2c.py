@@ -1,4 +1,4 @@
-"""Tests of soft_a2c_atari.py (ALGORITHMS.md section 3, Schulman, Chen, Abbeel 2017, Sections 6.1 and 6.3)."""
+"""Tests of soft_a2c_atari.py (Schulman, Chen, Abbeel 2017, Sections 6.1 and 6.3)."""
 
 import math
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""Tests of soft_dqn_atari.py (ALGORITHMS.md section 3, Schulman, Chen, Abbeel 2017, Section 6.2)."""
+"""Tests of soft_dqn_atari.py (Schulman, Chen, Abbeel 2017, Section 6.2)."""
 
 import math
 

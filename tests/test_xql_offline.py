@@ -1,4 +1,4 @@
-"""Tests of xql_offline.py (ALGORITHMS.md section 2, offline; Garg et al. 2023) and of the dataset tool."""
+"""Tests of xql_offline.py (Garg et al. 2023, offline; docs/xql_offline.md) and of the dataset tool."""
 
 import math
 

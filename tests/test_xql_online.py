@@ -1,4 +1,4 @@
-"""Tests of xql_sac.py and xql_td3.py (ALGORITHMS.md section 2, Garg et al. 2023)."""
+"""Tests of xql_sac.py and xql_td3.py (Garg et al. 2023; docs/xql_online.md)."""
 
 import importlib
 import math

@@ -1,0 +1,190 @@
+"""Learning curves and a results table from the per-run CSVs that benchmarks/sweep.py writes.
+
+    python benchmarks/plot.py results/mujoco
+
+writes into that folder:
+    curves.png   one panel per env: the mean evaluation return over seeds at each evaluation, with
+                 a 95% bootstrap confidence band (over seeds), one colour per variant
+    results.md   per env and variant: seeds, final return, and area under the curve, each as
+                 mean and 95% bootstrap CI over seeds; and the interquartile mean (IQM) of the
+                 final normalised score with its CI from rliable, for every variant that has at
+                 least 5 runs across the suite's envs
+
+"Final return" is the last evaluation. "Area under the curve" is the mean of the evaluation
+returns over all evaluations, so it rewards learning early, and its unit is a return. The score
+that the IQM aggregates is the D4RL-normalised score: logged by the offline script, and computed
+here with D4RL's reference returns for the Gym locomotion robots; an env without reference
+returns is left out of the IQM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# D4RL's reference returns (random, expert) for the normalised score 100*(R - random)/(expert - random)
+D4RL_REF = {
+    "Hopper": (-20.272305, 3234.3),
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Walker2d": (1.629008, 4592.3),
+    "Ant": (-325.6, 3879.7),
+}
+
+
+def load_runs(folder: str | Path) -> dict:
+    """{(env, variant, seed): {"step": array, "eval_return": array, "normalized_score": array or None}}"""
+    runs = {}
+    for path in sorted(Path(folder).glob("*.csv")):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "eval_return" not in rows[0]:
+            continue
+        key = (rows[0]["env_id"], rows[0]["variant"], int(rows[0]["seed"]))
+        norm = [float(r["normalized_score"]) for r in rows] if "normalized_score" in rows[0] else None
+        runs[key] = {
+            "step": np.array([int(r["step"]) for r in rows]),
+            "eval_return": np.array([float(r["eval_return"]) for r in rows]),
+            "normalized_score": None if norm is None else np.array(norm),
+        }
+    return runs
+
+
+def bootstrap_ci(values, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and the 95% percentile-bootstrap interval of the mean of `values` (seeds as samples).
+    With one value the interval is that value."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (reps, len(values)))].mean(1)
+    return mean, float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def aligned(runs: dict, env: str, variant: str, key: str = "eval_return"):
+    """(steps, matrix seeds x evaluations) on the evaluation steps that every seed has."""
+    curves = {s: r for (e, v, s), r in runs.items() if e == env and v == variant}
+    steps = sorted(set.intersection(*(set(r["step"].tolist()) for r in curves.values())))
+    matrix = np.array([[dict(zip(r["step"].tolist(), r[key]))[t] for t in steps] for r in curves.values()])
+    return np.array(steps), matrix
+
+
+def normalized_final(run: dict, env: str) -> float | None:
+    if run["normalized_score"] is not None:
+        return float(run["normalized_score"][-1])
+    robot = next((name for name in D4RL_REF if env.startswith(name)), None)
+    if robot is None:
+        return None
+    low, high = D4RL_REF[robot]
+    return 100.0 * (float(run["eval_return"][-1]) - low) / (high - low)
+
+
+def fmt(mean: float, lo: float, hi: float) -> str:
+    if lo == hi:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def iqm_rows(runs: dict, envs: list[str], variants: list[str]) -> list[str]:
+    """IQM of the final normalised score with rliable's stratified bootstrap CI, per variant with
+    at least 5 runs across the envs that have a normalised score."""
+    lines = []
+    for variant in variants:
+        per_env = defaultdict(list)
+        for (env, v, _), run in runs.items():
+            score = normalized_final(run, env) if v == variant else None
+            if score is not None:
+                per_env[env].append(score)
+        if not per_env:
+            continue
+        n = min(len(s) for s in per_env.values())  # rliable wants runs x tasks
+        if n * len(per_env) < 5:
+            continue
+        from rliable import library as rly
+        from rliable import metrics
+
+        matrix = np.array([per_env[env][:n] for env in sorted(per_env)]).T
+        point, interval = rly.get_interval_estimates(
+            {variant: matrix}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000
+        )
+        lo, hi = interval[variant][:, 0]
+        lines.append(f"| {variant} | {n} x {len(per_env)} | {point[variant][0]:.1f} [{lo:.1f}, {hi:.1f}] |")
+    if lines:
+        lines = [
+            "",
+            "IQM of the final normalised score (rliable, 95% stratified bootstrap CI):",
+            "",
+            "| variant | runs x envs | IQM [95% CI] |",
+            "| --- | --- | --- |",
+            *lines,
+        ]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a results/<suite> folder of per-run CSVs")
+    parser.add_argument("--title", default=None, help="figure title (default: the folder's name)")
+    opts = parser.parse_args(argv)
+    folder = Path(opts.folder)
+    runs = load_runs(folder)
+    if not runs:
+        raise SystemExit(f"error: no run CSVs in {folder}; run benchmarks/sweep.py first")
+    envs = sorted({e for e, _, _ in runs})
+    variants = list(dict.fromkeys(v for _, v, _ in sorted(runs, key=lambda k: k[1])))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(envs), 3)
+    rows_ = math.ceil(len(envs) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4 * rows_), squeeze=False)
+    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    table = [
+        f"# Results: {folder.name}",
+        "",
+        "Mean over seeds [95% bootstrap CI]. Final: the last evaluation. AUC: the mean of all evaluations.",
+        "",
+        "| env | variant | seeds | last step | final return | AUC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for ax, env in zip(axes.flat, envs):
+        for variant in variants:
+            if not any(e == env and v == variant for e, v, _ in runs):
+                continue
+            steps, matrix = aligned(runs, env, variant)
+            stats = np.array([bootstrap_ci(matrix[:, j]) for j in range(matrix.shape[1])])
+            label = f"{variant} ({len(matrix)} seed{'s' if len(matrix) > 1 else ''})"
+            ax.plot(steps, stats[:, 0], color=colours[variant], label=label)
+            if len(matrix) > 1:
+                ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colours[variant], alpha=0.2)
+            final = bootstrap_ci(matrix[:, -1])
+            auc = bootstrap_ci(matrix.mean(1))
+            table.append(f"| {env} | {variant} | {len(matrix)} | {steps[-1]} | {fmt(*final)} | {fmt(*auc)} |")
+        ax.set_title(env)
+        ax.set_xlabel("steps")
+        ax.set_ylabel("evaluation return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(envs) :]:
+        ax.axis("off")
+    fig.suptitle(opts.title or folder.name)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=90)
+    table += iqm_rows(runs, envs, variants)
+    (folder / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"wrote {folder / 'curves.png'} and {folder / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

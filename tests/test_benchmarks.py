@@ -1,0 +1,133 @@
+"""The benchmark runner (benchmarks/sweep.py) and plots (benchmarks/plot.py), end to end on a tiny
+suite with a local Ray, as CI runs them; and their pieces on hand-made inputs."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(Path(ROOT) / "benchmarks"))
+import plot  # noqa: E402
+import sweep  # noqa: E402
+
+SUITES = Path(ROOT) / "benchmarks" / "suites"
+
+
+def test_every_committed_suite_loads_and_names_real_scripts():
+    for path in SUITES.glob("*.toml"):
+        name, runs = sweep.load_suite(path)
+        assert runs, path
+        assert len({r.run_id for r in runs}) == len(runs), f"{path}: two runs share an id"
+        for r in runs:
+            assert (Path(ROOT) / r.script).is_file()
+            assert r.args[-4:] == ["--seed", str(r.seed), "--exp-name", r.variant]
+
+
+def test_suite_expands_env_flags_root_and_per_variant_overrides(tmp_path):
+    (tmp_path / "s.toml").write_text(
+        'name = "t"\nenvs = ["a", "b"]\nseeds = [1, 2]\nenv_flags = "--dataset {root}/data/{env}.hdf5"\n'
+        'flags = "--total-timesteps 10"\ncores_per_run = 2\n'
+        '[[variants]]\nname = "X"\nscript = "xql_offline.py"\nflags = "--eta 0"\n'
+        '[[variants]]\nname = "Y"\nscript = "xql_offline.py"\nseeds = [7]\ncores = 1\n'
+    )
+    name, runs = sweep.load_suite(tmp_path / "s.toml")
+    assert name == "t" and len(runs) == 2 * 2 + 2 * 1
+    x = runs[0]
+    assert x.run_id == "a__X__1" and x.cores == 2
+    assert x.args[:2] == ["--dataset", f"{ROOT}/data/a.hdf5"]
+    assert "--eta" in x.args and "--total-timesteps" in x.args
+    assert [r.seed for r in runs if r.variant == "Y"] == [7, 7] and runs[-1].cores == 1
+
+
+def test_suite_with_a_missing_script_is_a_one_line_error(tmp_path):
+    (tmp_path / "s.toml").write_text('envs = ["a"]\nseeds = [1]\n[[variants]]\nname = "X"\nscript = "nope.py"\n')
+    with pytest.raises(SystemExit, match="nope.py"):
+        sweep.load_suite(tmp_path / "s.toml")
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_more_seeds():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(10, 3, 4), rng.normal(10, 3, 400)
+    m, lo, hi = plot.bootstrap_ci(small)
+    assert lo < m < hi
+    m2, lo2, hi2 = plot.bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 3 and lo2 < 10 < hi2
+    assert plot.bootstrap_ci([5.0]) == (5.0, 5.0, 5.0)
+
+
+def test_normalised_score_uses_d4rl_references():
+    run = {"eval_return": np.array([1500.0]), "normalized_score": None}
+    assert plot.normalized_final(run, "Hopper-v5") == pytest.approx(46.71, abs=0.01)
+    assert plot.normalized_final(run, "Pendulum-v1") is None
+
+
+def write_fake_run(folder: Path, env: str, variant: str, seed: int, finals: float):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{env}__{variant}__{seed}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["env_id", "variant", "seed", "step", "eval_return"])
+        for step, frac in [(1000, 0.2), (2000, 0.6), (3000, 1.0)]:
+            w.writerow([env, variant, seed, step, finals * frac])
+
+
+def test_plot_table_and_iqm_on_hand_made_runs(tmp_path):
+    """5 seeds x 2 envs: the table's final return is the seeds' mean, and rliable's IQM is reported."""
+    for seed in range(1, 6):
+        write_fake_run(tmp_path, "Hopper-v5", "A", seed, 1000.0 + 100 * seed)
+        write_fake_run(tmp_path, "HalfCheetah-v5", "A", seed, 3000.0)
+        write_fake_run(tmp_path, "Hopper-v5", "B", seed, 500.0)
+    assert plot.main([str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| Hopper-v5 | A | 5 | 3000 | 1300.0 [" in table
+    assert "| Hopper-v5 | B | 5 | 3000 | 500.0 | 300.0 |" in table  # identical seeds: no interval to show
+    iqm = table.split("IQM")[1]
+    assert "| A | 5 x 2 |" in iqm and "| B | 5 x 1 | 100.0 [" not in iqm
+    assert "| B | 5 x 1 | 15.9 [15.9, 15.9] |" in iqm  # 100*(500 + 20.27)/(3234.3 + 20.27)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
+    """The CI suite: 2 short runs through a local Ray, CSVs and metadata, a skip on rerun, a failing
+    run reported with its log tail while the other finishes, then the plots."""
+    pytest.importorskip("ray")
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(Path(ROOT) / "benchmarks" / "sweep.py"), str(SUITES / "ci-tiny.toml")]
+    cmd += ["--results", str(results), "--workdir", str(work), "--num-cpus", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "done 2, failed 0" in proc.stdout
+    out = results / "ci-tiny"
+    for variant in ["IQ", "X-TD3"]:
+        with open(out / f"Pendulum-v1__{variant}__1.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["step"]) for r in rows] == [200, 400]
+        assert all(r["env_id"] == "Pendulum-v1" and r["variant"] == variant for r in rows)
+        assert all(-2000 < float(r["eval_return"]) < 0 for r in rows)
+        meta = json.loads((out / f"Pendulum-v1__{variant}__1.json").read_text())
+        for key in ["command", "flags", "commit", "wall_time_s", "sps", "peak_memory_mb", "machine"]:
+            assert key in meta, key
+        assert meta["peak_memory_mb"] > 50 and meta["wall_time_s"] > 0
+    # a rerun skips what is done
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 already done, 0 to run" in again.stdout
+    # a failing run is reported with its log tail, and the other run still finishes
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        (SUITES / "ci-tiny.toml").read_text().replace('name = "ci-tiny"', 'name = "bad"')
+        + '\n[[variants]]\nname = "broken"\nscript = "iq_continuous.py"\nflags = "--tau -1"\n'
+    )
+    proc = subprocess.run([*cmd[:2], str(bad), *cmd[3:], "--only", "__"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "Pendulum-v1__broken__1 FAILED" in proc.stdout and "error: --tau must be > 0" in proc.stdout
+    assert "done 2, failed 1" in proc.stdout
+    # and the plots
+    plotted = subprocess.run(
+        [sys.executable, str(Path(ROOT) / "benchmarks" / "plot.py"), str(out)], capture_output=True, text=True
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    assert (out / "curves.png").exists() and "| Pendulum-v1 | IQ | 1 | 400 |" in (out / "results.md").read_text()
