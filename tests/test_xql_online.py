@@ -203,6 +203,8 @@ def test_end_to_end_hopper_logs_saves_and_reloads(script, workdir):
     for tag in COMMON_TAGS + EXTRA_TAGS[script]:
         assert scalars.get(tag), f"{tag} was not logged"
         assert all(math.isfinite(v) for _, v in scalars[tag] if tag != "losses/actor_loss")
+    if script == "xql_td3.py":  # the per-env default is used and printed
+        assert "beta 10.0 (the default for Hopper-v5" in proc.stdout
     (model,) = list(workdir.glob("runs/*/*.cleanrl_model"))
     returns = importlib.import_module(script[:-3]).evaluate(str(model), "Hopper-v5", eval_episodes=2, seed=3 + 20_000)
     np.testing.assert_allclose(returns, [v for _, v in scalars["eval/reloaded_episodic_return"]], rtol=1e-5)
@@ -212,7 +214,7 @@ def test_end_to_end_hopper_logs_saves_and_reloads(script, workdir):
     "script, flags, absent",
     [
         ("xql_sac.py", ["--value-loss", "sac"], []),
-        ("xql_td3.py", ["--no-double-q"], ["losses/qf2_loss"]),
+        ("xql_td3.py", ["--no-double-q", "--beta", "5"], ["losses/qf2_loss"]),
         ("xql_td3.py", ["--critic-loss", "mse"], []),
     ],
 )
@@ -257,3 +259,11 @@ def test_learns_pendulum_within_20k_steps(script, workdir):
     evals = read_scalars(workdir)["eval/episodic_return"]
     assert evals[-1][0] == steps - 1
     assert evals[-1][1] >= -300, f"final deterministic eval return {evals[-1][1]:.1f} < -300; all: {evals}"
+
+
+def test_xtd3_beta_defaults_per_env():
+    """Gym MuJoCo locomotion gets the larger beta its reward scale needs; other envs the paper's 3."""
+    from xql_td3 import BETA_FALLBACK, default_beta
+
+    assert default_beta("Hopper-v5") == default_beta("Hopper-v4") == 10.0
+    assert default_beta("HalfCheetah-v5") == 10.0 and default_beta("Pendulum-v1") == BETA_FALLBACK == 3.0
