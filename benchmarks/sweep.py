@@ -201,6 +201,43 @@ def write_result(result: dict, out_dir: Path) -> Path:
     return path
 
 
+def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str) -> list[str]:
+    """Results from runs made by hand: every TensorBoard folder `folder/runs/{env}__{variant}__{seed}__*`
+    (the scripts' own run name, with `--exp-name VARIANT`) that matches a run of the suite and has no
+    CSV yet. The metadata line says it was imported, with the suite's command for that run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    imported = []
+    for run in runs:
+        if (out_dir / f"{run.run_id}.csv").exists():
+            continue
+        matches = sorted(Path(folder).glob(f"runs/{run.env}__{run.variant}__{run.seed}__*"))
+        if not matches:
+            continue
+        acc = EventAccumulator(str(matches[-1]), size_guidance={"scalars": 0})
+        acc.Reload()
+        scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        times = [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+        meta = {
+            "run_id": run.run_id,
+            "suite": run.suite,
+            "script": run.script,
+            "flags": run.args,
+            "command": "python " + " ".join([run.script, *map(shlex.quote, run.args)]),
+            "commit": commit,
+            "wall_time_s": round(max(times) - min(times), 1) if times else None,
+            "sps": scalars.get("charts/SPS", [(0, float("nan"))])[-1][1],
+            "peak_memory_mb": None,
+            "threads": run.cores,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+            "host": socket.gethostname(),
+            "imported_from": str(matches[-1].name),
+        }
+        write_result({"rows": rows_from_events(scalars, run), "meta": meta}, out_dir)
+        imported.append(run.run_id)
+    return imported
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", help="a suite file, e.g. benchmarks/suites/mujoco.toml")
@@ -210,11 +247,21 @@ def main(argv=None) -> int:
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray only: cores to use (default all)")
     parser.add_argument("--only", default="", help="only runs whose id contains this text")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
+    parser.add_argument(
+        "--import-from",
+        default=None,
+        help="take the results of runs made by hand (with --exp-name VARIANT) from FOLDER/runs/ instead of running",
+    )
+    parser.add_argument("--commit", default=None, help="with --import-from: the commit the runs were made at")
     opts = parser.parse_args(argv)
 
     suite, runs = load_suite(opts.suite)
     runs = [r for r in runs if opts.only in r.run_id]
     out_dir = Path(opts.results) / suite
+    if opts.import_from:
+        done = import_runs(opts.import_from, runs, out_dir, opts.commit or git_commit())
+        print(f"imported {len(done)} runs into {out_dir}: {', '.join(done)}")
+        return 0
     todo = [r for r in runs if not (out_dir / f"{r.run_id}.csv").exists()]
     print(f"suite {suite}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", flush=True)
     if opts.dry_run:

@@ -133,3 +133,23 @@ def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
     )
     assert plotted.returncode == 0, plotted.stderr
     assert (out / "curves.png").exists() and "| Pendulum-v1 | IQ | 1 | 400 |" in (out / "results.md").read_text()
+
+
+def test_import_of_runs_made_by_hand(tmp_path):
+    """A run made by hand with --exp-name VARIANT lands in results/<suite>/ like a runner's run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "runs" / "Pendulum-v1__IQ__1__1700000000"))
+    for step, value in [(199, -1400.0), (399, -900.0)]:
+        writer.add_scalar("eval/episodic_return", value, step)
+        writer.add_scalar("charts/SPS", 150, step)
+    writer.close()
+    _, runs = sweep.load_suite(SUITES / "ci-tiny.toml")
+    done = sweep.import_runs(tmp_path, runs, tmp_path / "out", "abc123")
+    assert done == ["Pendulum-v1__IQ__1"]  # X-TD3 has no run by hand: nothing to import
+    with open(tmp_path / "out" / "Pendulum-v1__IQ__1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), float(r["eval_return"])) for r in rows] == [(200, -1400.0), (400, -900.0)]
+    meta = json.loads((tmp_path / "out" / "Pendulum-v1__IQ__1.json").read_text())
+    assert meta["commit"] == "abc123" and meta["imported_from"].startswith("Pendulum-v1__IQ__1__")
+    assert sweep.import_runs(tmp_path, runs, tmp_path / "out", "abc123") == []  # already there
