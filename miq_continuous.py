@@ -127,6 +127,13 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Stop with a one-line error naming the fix, before anything is built."""
+    if args.eval_frequency < 1:
+        raise SystemExit(f"error: --eval-frequency must be >= 1 (got {args.eval_frequency}); it is in env steps")
+    if args.learning_starts >= args.total_timesteps:
+        raise SystemExit(
+            f"error: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: no "
+            "gradient step would run; lower --learning-starts"
+        )
     if not args.tau > 0:
         raise SystemExit(f"error: --tau must be > 0 (got {args.tau}); the paper uses 0.01 on MuJoCo")
     if not 0.0 <= args.alpha <= 1.0:
@@ -154,7 +161,10 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
 
 
 def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None):
-    env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    try:
+        env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    except gym.error.Error as exc:  # NameNotFound, VersionNotFound, ...: a typo in --env-id
+        raise SystemExit(f"error: --env-id {env_id}: {exc}; see gymnasium's registry (e.g. Hopper-v5)") from None
     if capture_video:
         env = gym.wrappers.RecordVideo(env, video_folder)
     env = gym.wrappers.RecordEpisodeStatistics(env)

@@ -320,6 +320,9 @@ def test_ablation_flags_run(script, flags, workdir):
     [
         (["--env-id", "CartPole-v1"], ["CartPole-v1", "soft_dqn_atari.py"]),
         (["--tau", 0], ["--tau", "> 0"]),
+        (["--env-id", "Hopperr-v5"], ["--env-id Hopperr-v5", "Hopper-v5"]),
+        (["--eval-frequency", 0], ["--eval-frequency", ">= 1"]),
+        (["--total-timesteps", 1000, "--learning-starts", 1000], ["--learning-starts", "no gradient step"]),
         (["--tau", -0.5], ["--tau"]),
         (["--n-bins", 1], ["--n-bins", "at least 2"]),
     ],

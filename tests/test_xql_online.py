@@ -233,6 +233,9 @@ def test_baseline_and_ablation_flags_run(script, flags, absent, workdir):
     [
         (["--env-id", "CartPole-v1"], ["CartPole-v1", "continuous"]),
         (["--beta", 0], ["--beta", "> 0"]),
+        (["--env-id", "Hopperr-v5"], ["--env-id Hopperr-v5", "Hopper-v5"]),
+        (["--eval-frequency", 0], ["--eval-frequency", ">= 1"]),
+        (["--total-timesteps", 1000, "--learning-starts", 1000], ["--learning-starts", "no gradient step"]),
         (["--beta", -1], ["--beta"]),
         (["--exp-clip", 0], ["--exp-clip", "> 0"]),
         (["--exp-clip", -3], ["--exp-clip"]),
