@@ -100,7 +100,7 @@ class Args:
     hidden_size: int = 256
     """width of the two hidden layers of every network"""
     beta: float = 2.0
-    """the Gumbel regression temperature beta (paper: 2 on all locomotion, 'X-QL C'; tuned per dataset in README)"""
+    """the Gumbel regression temperature beta (paper: 2 on all locomotion, 'X-QL C'; tuned per dataset in docs/xql_offline.md)"""
     eta: float = 3.0
     """AWR inverse temperature eta of the policy extraction (0: behaviour cloning)"""
     exp_clip: float = 7.0

@@ -29,7 +29,9 @@ Defaults follow CleanRL's sac_continuous_action.py (256-256 MLPs, policy lr 3e-4
 value lr 1e-3, batch 256, 5000 random steps, actor every 2 steps, autotuned alpha) so results
 compare with it. beta = 2 and the paper's exp clip 8 (the authors' code uses 10). The paper's
 DM-Control settings (batch 1024, lr 1e-4, 1024-1024 networks, beta 1-5 per env) are listed in
-the README. Terminations end bootstrapping; time-limit truncations bootstrap from the true last
+docs/xql_online.md. Open problem: on Hopper-v5 at these defaults X-SAC's critics overestimate
+(eval/q_estimate about 500 against a discounted return below 90 from 40k steps) and returns
+collapse; beta = 10 did not prevent it. Terminations end bootstrapping; time-limit truncations bootstrap from the true last
 observation (one env, not a vector env, keeps it at hand).
 
 Usage:

@@ -353,7 +353,7 @@ def test_miq_bad_input_stops_before_training(flags, names, workdir):
 @pytest.mark.learning
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
 def test_learns_pendulum_within_20k_steps(script, workdir):
-    """A random policy scores about -1200 and a broken loss stays far below -300 (see README).
+    """A random policy scores about -1200 and a broken loss stays far below -300 (docs/tests.md).
     Measured (seed 1): IQ about -190 by step 4000, M-IQ about -190 by 8000; we check at 10 000."""
     flags = "--env-id Pendulum-v1 --seed 1 --total-timesteps 10000 --learning-starts 1000 --eval-frequency 5000"
     proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=900)
