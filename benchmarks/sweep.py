@@ -123,6 +123,25 @@ def git_commit(root: Path = ROOT) -> str:
         return "unknown"
 
 
+def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: float | None) -> dict:
+    """The metadata line of one run."""
+    return {
+        "run_id": run.run_id,
+        "suite": run.suite,
+        "script": run.script,
+        "flags": run.args,
+        "command": "python " + " ".join([run.script, *map(shlex.quote, run.args)]),
+        "commit": commit,
+        "wall_time_s": None if wall is None else round(wall, 1),
+        "sps": scalars.get("charts/SPS", [(0, float("nan"))])[-1][1],
+        "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
+        "threads": run.cores,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "host": socket.gethostname(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
 def priority_setter(niceness: int | None):
     """A preexec_fn that gives the child process `niceness` where the OS allows (raising priority
     may need privileges: then the child keeps the worker's)."""
@@ -165,22 +184,7 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     if not event_dirs:
         raise RuntimeError(f"{run.run_id}: the script wrote no runs/ folder")
     scalars = read_events(event_dirs[-1])
-    sps = scalars.get("charts/SPS", [(0, float("nan"))])[-1][1]
-    meta = {
-        "run_id": run.run_id,
-        "suite": run.suite,
-        "script": run.script,
-        "flags": run.args,
-        "command": "python " + " ".join([run.script, *map(shlex.quote, run.args)]),
-        "commit": git_commit(Path(root)),
-        "wall_time_s": round(wall, 1),
-        "sps": sps,
-        "peak_memory_mb": round(usage.ru_maxrss / 1024, 1),
-        "threads": run.cores,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
-        "host": socket.gethostname(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    meta = run_meta(run, scalars, git_commit(Path(root)), wall, usage.ru_maxrss / 1024)
     return {"rows": rows_from_events(scalars, run), "meta": meta}
 
 
@@ -218,21 +222,8 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
         acc.Reload()
         scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
         times = [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
-        meta = {
-            "run_id": run.run_id,
-            "suite": run.suite,
-            "script": run.script,
-            "flags": run.args,
-            "command": "python " + " ".join([run.script, *map(shlex.quote, run.args)]),
-            "commit": commit,
-            "wall_time_s": round(max(times) - min(times), 1) if times else None,
-            "sps": scalars.get("charts/SPS", [(0, float("nan"))])[-1][1],
-            "peak_memory_mb": None,
-            "threads": run.cores,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
-            "host": socket.gethostname(),
-            "imported_from": str(matches[-1].name),
-        }
+        meta = run_meta(run, scalars, commit, max(times) - min(times) if times else None, None)
+        meta["imported_from"] = matches[-1].name
         write_result({"rows": rows_from_events(scalars, run), "meta": meta}, out_dir)
         imported.append(run.run_id)
     return imported
