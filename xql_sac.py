@@ -40,7 +40,10 @@ Usage:
 """
 
 import os
+import pickle
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -115,6 +118,16 @@ class Args:
     """the number of episodes of each deterministic evaluation"""
     log_frequency: int = 100
     """log losses and SPS every this many steps"""
+    checkpoint_frequency: int = 0
+    """write runs/{run_name}/checkpoint.pt every this many env steps and at the end (0: only when stopped
+    by SIGTERM or SIGINT). It holds everything to continue exactly: networks, optimizers, random states,
+    the env mid-episode and the replay buffer (4 bytes x (2 obs + action + 2) floats per transition)"""
+    resume: str | None = None
+    """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
+    reused, and only --total-timesteps, --checkpoint-frequency, --cuda and --track may change"""
+    eval_model: str | None = None
+    """evaluate this saved model or checkpoint (env and sizes come from the file) for --eval-episodes
+    episodes, with --capture-video if given, and exit"""
 
 
 def check_args(args: Args) -> None:
@@ -132,6 +145,10 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8")
     if not args.alpha >= 0:
         raise SystemExit(f"error: --alpha must be >= 0 (got {args.alpha}); CleanRL's SAC starts at 0.2")
+    if args.checkpoint_frequency < 0:
+        raise SystemExit(
+            f"error: --checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}); 0 turns it off"
+        )
     if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1 or args.policy_frequency < 1:
         raise SystemExit(
             "error: --batch-size, --total-timesteps, --buffer-size and --policy-frequency must be positive"
@@ -152,13 +169,34 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
         )
 
 
-def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None):
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy, a renderer for the env (pygame for classic control, a working
+    MUJOCO_GL for MuJoCo without a display): fail at start, not at the first evaluation."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: --capture-video needs moviepy: pip install moviepy") from None
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except gym.error.DependencyNotInstalled as exc:
+        raise SystemExit(f"error: --capture-video on {env_id}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # mujoco.FatalError and friends: no OpenGL context
+        raise SystemExit(
+            f"error: --capture-video could not render {env_id} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "without a display set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU)"
+        ) from None
+
+
+def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None, every: int = 1):
     try:
         env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, ...: a typo in --env-id
         raise SystemExit(f"error: --env-id {env_id}: {exc}; see gymnasium's registry (e.g. Hopper-v5)") from None
-    if capture_video:
-        env = gym.wrappers.RecordVideo(env, video_folder)
+    if capture_video:  # the first episode of every evaluation (of `every` episodes), one file each
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep % every == 0)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     return env
@@ -236,6 +274,19 @@ class ReplayBuffer:
         self.dones[i] = float(terminated)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+
+    FIELDS = ("obs", "next_obs", "actions", "rewards", "dones")
+
+    def state_dict(self) -> dict:
+        """The stored transitions only (clones: saving a slice would save the whole preallocated storage)."""
+        stored = {k: getattr(self, k)[: self.size].clone() for k in self.FIELDS}
+        return {"capacity": self.capacity, "size": self.size, "pos": self.pos, **stored}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state["capacity"] == self.capacity, "build the buffer with the checkpoint's capacity"
+        self.size, self.pos = state["size"], state["pos"]
+        for k in self.FIELDS:
+            getattr(self, k)[: self.size] = state[k]
 
     def sample(self, batch_size: int, device: torch.device):
         idx = torch.randint(0, self.size, (batch_size,))
@@ -325,24 +376,142 @@ def evaluate_policy(
     return np.array(returns), (np.mean(q_estimates) if critics else nan), (np.mean(discounted) if critics else nan)
 
 
-def evaluate(model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu") -> np.ndarray:
-    """Reload a model written by --save-model and return its deterministic evaluation returns."""
-    checkpoint = torch.load(model_path, map_location=device)
-    env = make_env(env_id, seed)
-    actor = Actor(
-        env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
-    ).to(device)
+def evaluate(
+    model_path: str,
+    env_id: str | None = None,
+    eval_episodes: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    capture_video: bool = False,
+    video_folder: str = "videos/eval",
+) -> np.ndarray:
+    """Deterministic evaluation returns of a model written by --save-model or a checkpoint. The env
+    id and the network sizes come from the file; `env_id` overrides the env (same spaces only)."""
+    checkpoint = torch.load(model_path, map_location=device, weights_only=False)  # our own file: trusted
+    saved = checkpoint["args"]
+    env_id = env_id or saved["env_id"]
+    if capture_video:
+        check_video_prerequisites(env_id)
+    env = make_env(env_id, seed, capture_video, video_folder, eval_episodes)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    saved_dims = (checkpoint["actor"]["net.0.weight"].shape[1], checkpoint["actor"]["net.4.weight"].shape[0] // 2)
+    if (obs_dim, act_dim) != saved_dims:
+        raise SystemExit(
+            f"error: {model_path} was trained on {saved['env_id']} (obs {saved_dims[0]}, actions {saved_dims[1]}) "
+            f"but {env_id} has obs {obs_dim}, actions {act_dim}; leave out the env id to use {saved['env_id']}"
+        )
+    actor = Actor(obs_dim, env.action_space.low, env.action_space.high, saved["hidden_size"]).to(device)
     actor.load_state_dict(checkpoint["actor"])
     return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a run needs to continue exactly where it stopped
+# ---------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "cuda", "track")
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (`--total-timesteps 5`, `--no-cuda` -> total_timesteps, cuda)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n for n in names}
+
+
+def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
+    """The checkpointed run's flags, with those of RESUME_OVERRIDES given on the command line; any other
+    flag that differs from the run's is refused, since changing it mid-run would make a different run."""
+    fields = Args.__dataclass_fields__
+    for name in sorted(given & fields.keys() - {"resume", *RESUME_OVERRIDES}):
+        if name in saved and getattr(args, name) != saved[name]:
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} cannot change on --resume (the run used {saved[name]!r}); "
+                "start a new run instead"
+            )
+    merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
+    merged.update({k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k == "resume" or k in given})
+    return Args(**merged)
+
+
+def env_state(env: gym.Env) -> dict:
+    """The training env mid-episode, as plain data. The wrappers (time limit, episode statistics)
+    pickle as they are, but a MuJoCo env pickles as its constructor's arguments only, so its physics
+    (the full integration state, solver warm start included) and random generators go beside."""
+    base = env.unwrapped
+    state = {
+        "pickle": pickle.dumps(env),
+        "np_random": base.np_random.bit_generator.state,
+        "action_space": env.action_space.np_random.bit_generator.state,
+    }
+    if hasattr(base, "model") and hasattr(base, "data"):
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        state["mujoco"] = np.empty(mujoco.mj_stateSize(base.model, spec))
+        mujoco.mj_getState(base.model, base.data, state["mujoco"], spec)
+    return state
+
+
+def restore_env(state: dict) -> gym.Env:
+    """The env of `env_state`, ready to take the next step of its episode."""
+    env = pickle.loads(state["pickle"])
+    base = env.unwrapped
+    if "mujoco" in state:
+        import mujoco
+
+        mujoco.mj_setState(base.model, base.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+    base.np_random.bit_generator.state = state["np_random"]
+    env.action_space.np_random.bit_generator.state = state["action_space"]
+    return env
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous checkpoint whole."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_model:
+        if not os.path.isfile(args.eval_model):
+            raise SystemExit(f"error: --eval-model {args.eval_model}: no such file")
+        returns = evaluate(args.eval_model, None, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(
+            f"{args.eval_model}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+        )
+        raise SystemExit(0)
+    checkpoint = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
+        args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
+    if args.capture_video:
+        check_video_prerequisites(args.env_id)
     env = make_env(args.env_id, args.seed)
     check_action_space(args.env_id, env.action_space)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}")
+    run_name = (
+        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
+    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}", args.eval_episodes)
 
     if args.track:
         try:
@@ -359,11 +528,13 @@ if __name__ == "__main__":
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # on resume, purge_step hides what the stopped run logged after its checkpoint
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -389,7 +560,8 @@ if __name__ == "__main__":
         a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr, fused=True)
     else:
         alpha = args.alpha
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    capacity = checkpoint["rb"]["capacity"] if checkpoint else min(args.buffer_size, args.total_timesteps)
+    rb = ReplayBuffer(capacity, obs_dim, act_dim)
     print(
         f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim}, value loss {args.value_loss}"
         f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.value_loss == 'gumbel' else ''}, "
@@ -399,10 +571,73 @@ if __name__ == "__main__":
         f"--alpha {args.alpha} is SAC's initial temperature (as in CleanRL); the Polyak rate (CleanRL's --tau) is --lam {args.lam}"
     )
 
+    networks = {"actor": actor, "qf1": qf1, "qf2": qf2, "vf": vf, "vf_target": vf_target}
+    optimizers = {"q": q_optimizer, "v": v_optimizer, "actor": actor_optimizer}
+    if args.autotune:
+        optimizers["alpha"] = a_optimizer
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+
+    def write_checkpoint(step: int) -> None:
+        """Everything the loop's step number `step` depends on, written before it runs."""
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "args": vars(args),
+                "run_name": run_name,
+                "global_step": step,
+                "networks": {name: net.state_dict() for name, net in networks.items()},
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "log_alpha": log_alpha.detach().cpu() if args.autotune else None,
+                "rb": rb.state_dict(),
+                "env": env_state(env),
+                "obs": obs,
+                "last_return": last_return,
+                "rng": rng_state(),
+                "actor": actor.state_dict(),  # --eval-model reads this, as in a saved model
+            },
+        )
+
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        """SIGTERM (Slurm, a job's time limit) or Ctrl-C: checkpoint before the next step, then exit."""
+        if stop_signals:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    start_step, last_return = 0, float("nan")
+    if checkpoint:
+        for name, net in networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(checkpoint["optimizers"][name])
+        if args.autotune:
+            with torch.no_grad():
+                log_alpha.copy_(checkpoint["log_alpha"])
+            alpha = log_alpha.exp().item()
+        rb.load_state_dict(checkpoint["rb"])
+        env = restore_env(checkpoint["env"])
+        start_step, obs, last_return = checkpoint["global_step"], checkpoint["obs"], checkpoint["last_return"]
+        set_rng_state(checkpoint["rng"])
+        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
+        del checkpoint  # its copy of the buffer can be large
+    else:
+        obs, _ = env.reset(seed=args.seed)
+
     start_time = time.time()
-    obs, _ = env.reset(seed=args.seed)
-    last_return, actor_loss, alpha_loss = float("nan"), torch.tensor(float("nan")), torch.tensor(float("nan"))
-    for global_step in range(args.total_timesteps):
+    actor_loss, alpha_loss = torch.tensor(float("nan")), torch.tensor(float("nan"))
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_signals:
+            write_checkpoint(global_step)
+            print(
+                f"stopped by signal {stop_signals[0]} at step {global_step}; continue with --resume {checkpoint_path}"
+            )
+            sys.exit(128 + stop_signals[0])
+        if args.checkpoint_frequency and global_step > start_step and global_step % args.checkpoint_frequency == 0:
+            write_checkpoint(global_step)
         if global_step < args.learning_starts:
             action = env.action_space.sample()
         else:
@@ -486,7 +721,9 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/alpha", alpha, global_step)
                 if args.autotune:
                     writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                writer.add_scalar(
+                    "charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step
+                )
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
             returns, q_estimate, discounted_return = evaluate_policy(
@@ -496,7 +733,7 @@ if __name__ == "__main__":
             # overestimation diagnostic: the critics' value of the visited states against what they returned
             writer.add_scalar("eval/q_estimate", q_estimate, global_step)
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((global_step + 1) / (time.time() - start_time))
+            sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             print(
                 f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
                 f"+- {returns.std():.1f}, Q estimate {q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
@@ -504,6 +741,9 @@ if __name__ == "__main__":
                 flush=True,
             )
 
+    if args.checkpoint_frequency:  # the end too, so that a finished run can be extended with --resume
+        write_checkpoint(args.total_timesteps)
+        print(f"checkpoint written to {checkpoint_path}")
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save(
@@ -517,7 +757,7 @@ if __name__ == "__main__":
             model_path,
         )
         print(f"model saved to {model_path}")
-        returns = evaluate(model_path, args.env_id, args.eval_episodes, args.seed + 20_000, str(device))
+        returns = evaluate(model_path, None, args.eval_episodes, args.seed + 20_000, str(device))
         for idx, episodic_return in enumerate(returns):
             writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
         print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
