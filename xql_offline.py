@@ -51,6 +51,8 @@ Usage:
 import os
 import random
 import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -114,6 +116,19 @@ class Args:
     eval_episodes: int = 10
     """the number of episodes of each evaluation"""
     log_frequency: int = 1000
+    checkpoint_frequency: int = 0
+    """write runs/{run_name}/checkpoint.pt every this many gradient steps and at the end (0: only when stopped
+    by SIGTERM or SIGINT): networks, optimizers, the learning-rate schedule and random states; the
+    dataset is read again from --dataset on resume"""
+    resume: str | None = None
+    """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
+    reused, and only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    stop_at: int | None = None
+    """checkpoint and exit when the run reaches this step: one chunk of a longer run (a job time limit),
+    continued with --resume; schedules still span --total-timesteps"""
+    eval_model: str | None = None
+    """evaluate this saved model or checkpoint (env and sizes come from the file) for --eval-episodes
+    episodes, with --capture-video if given, and exit"""
     """log losses and SPS every this many gradient steps"""
 
 
@@ -149,6 +164,12 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --max-weight must be > 0 (got {args.max_weight}); IQL uses 100")
     if args.batch_size < 1 or args.total_timesteps < 1:
         raise SystemExit("error: --batch-size and --total-timesteps must be positive")
+    if args.eval_frequency < 1:
+        raise SystemExit(f"error: --eval-frequency must be >= 1 (got {args.eval_frequency}); it is in gradient steps")
+    if args.checkpoint_frequency < 0:
+        raise SystemExit(
+            f"error: --checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}); 0 turns it off"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,16 +248,31 @@ def minari_to_d4rl(dataset) -> dict:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def d4rl_cache_path(name: str) -> str:
-    """Where D4RL keeps `name`'s file: $D4RL_DATASET_DIR or ~/.d4rl/datasets, D4RL's file name."""
+def d4rl_file(name: str) -> tuple[str, str]:
+    """D4RL's server folder and file name of a locomotion dataset. -v0 files carry no version and
+    medium-replay-v0 is "mixed" (walker2d's is walker_mixed.hdf5); -v1 and -v2 are named
+    robot_kind-vN.hdf5 under gym_mujoco_v1/ and gym_mujoco_v2/."""
     robot, kind, version = D4RL_NAME.match(name).groups()
+    if version == "0":
+        if kind == "full-replay":
+            raise SystemExit(f"error: {name}: D4RL has no full-replay-v0; use {robot}-full-replay-v2")
+        if kind == "medium-replay":
+            return "gym_mujoco", f"{'walker' if robot == 'walker2d' else robot}_mixed.hdf5"
+        return "gym_mujoco", f"{robot}_{kind.replace('-', '_')}.hdf5"
+    if version not in ("1", "2"):
+        raise SystemExit(f"error: {name}: D4RL's locomotion datasets are -v0, -v1 and -v2")
+    return f"gym_mujoco_v{version}", f"{robot}_{kind.replace('-', '_')}-v{version}.hdf5"
+
+
+def d4rl_cache_path(name: str) -> str:
+    """Where D4RL keeps `name`'s file: $D4RL_DATASET_DIR or ~/.d4rl/datasets, under D4RL's file name."""
     folder = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
-    return os.path.join(folder, f"{robot}_{kind.replace('-', '_')}-v{version}.hdf5")
+    return os.path.join(folder, d4rl_file(name)[1])
 
 
 def load_dataset(spec: str) -> dict:
     """Resolve --dataset into D4RL flat arrays plus what the run needs to know about them:
-    {"raw", "env_id", "env_kwargs", "ref_scores", "locomotion", "eval_env" (Minari only)}."""
+    {"raw", "env_id", "env_kwargs", "ref_scores", "eval_env" (Minari only)}."""
     if spec.endswith((".hdf5", ".h5")) or os.path.isfile(spec):
         raw, attrs = read_d4rl_hdf5(spec)
         robot = next((r for r in D4RL_ENVS if os.path.basename(spec).lower().startswith(r)), None)
@@ -244,14 +280,13 @@ def load_dataset(spec: str) -> dict:
         ref = D4RL_REF_SCORES.get(robot)
         if "ref_min_score" in attrs and "ref_max_score" in attrs:
             ref = (float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
-        return {"raw": raw, "env_id": env_id, "env_kwargs": env_kwargs, "ref_scores": ref, "locomotion": True}
+        return {"raw": raw, "env_id": env_id, "env_kwargs": env_kwargs, "ref_scores": ref}
     if D4RL_NAME.match(spec):
         robot = D4RL_NAME.match(spec).group(1)
         meta = {
             "env_id": D4RL_ENVS[robot][0],
             "env_kwargs": D4RL_ENVS[robot][1],
             "ref_scores": D4RL_REF_SCORES[robot],
-            "locomotion": True,
         }
         try:
             import d4rl  # noqa: F401  (optional: needs gym < 0.25 and mujoco-py)
@@ -262,10 +297,10 @@ def load_dataset(spec: str) -> dict:
             pass
         path = d4rl_cache_path(spec)
         if not os.path.isfile(path):
-            folder = "gym_mujoco_v2" if spec.endswith("-v2") else "gym_mujoco"
+            folder, file = d4rl_file(spec)
             raise SystemExit(
                 f"error: {spec} is not on this machine; download "
-                f"http://rail.eecs.berkeley.edu/datasets/offline_rl/{folder}/{os.path.basename(path)} "
+                f"http://rail.eecs.berkeley.edu/datasets/offline_rl/{folder}/{file} "
                 f"to {path} (or pass --dataset /path/to/file.hdf5)"
             )
         return {"raw": read_d4rl_hdf5(path)[0], **meta}
@@ -293,13 +328,33 @@ def load_dataset(spec: str) -> dict:
             "env_id": None,
             "env_kwargs": {},
             "ref_scores": ref,
-            "locomotion": spec.startswith("mujoco/"),
             "eval_env": dataset,
         }
     raise SystemExit(
         f"error: --dataset {spec!r} is neither an .hdf5 file, a D4RL locomotion name like "
         "hopper-medium-v2, nor a Minari id like mujoco/hopper/medium-v0"
     )
+
+
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy, a renderer for the env (pygame for classic control, a working
+    MUJOCO_GL for MuJoCo without a display): fail at start, not at the first evaluation."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: --capture-video needs moviepy: pip install moviepy") from None
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except gym.error.DependencyNotInstalled as exc:
+        raise SystemExit(f"error: --capture-video on {env_id}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # mujoco.FatalError and friends: no OpenGL context
+        raise SystemExit(
+            f"error: --capture-video could not render {env_id} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "without a display set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU)"
+        ) from None
 
 
 def make_env(
@@ -309,13 +364,14 @@ def make_env(
     capture_video: bool = False,
     video_folder: str | None = None,
     minari_dataset=None,
+    every: int = 1,
 ):
     if minari_dataset is not None and env_id is None:
         env = minari_dataset.recover_environment(eval_env=True, render_mode="rgb_array" if capture_video else None)
     else:
         env = gym.make(env_id, render_mode="rgb_array" if capture_video else None, **(env_kwargs or {}))
-    if capture_video:
-        env = gym.wrappers.RecordVideo(env, video_folder)
+    if capture_video:  # the first episode of every evaluation (of `every` episodes), one file each
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep % every == 0)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     return env
@@ -453,24 +509,106 @@ def evaluate_policy(policy: GaussianPolicy, env: gym.Env, n_episodes: int, devic
 
 def evaluate(
     model_path: str,
-    env_id: str,
+    env_id: str | None = None,
     eval_episodes: int = 10,
     seed: int = 0,
     device: str = "cpu",
-    env_kwargs: dict | None = None,
+    capture_video: bool = False,
+    video_folder: str = "videos/eval",
 ) -> np.ndarray:
-    """Reload a model written by --save-model and return its evaluation returns."""
-    checkpoint = torch.load(model_path, map_location=device)
-    env = make_env(env_id, seed, env_kwargs)
+    """Evaluation returns of a model written by --save-model or a checkpoint. The eval env (a gymnasium
+    id with its kwargs, or the Minari dataset's own env) and the sizes come from the file; `env_id`
+    overrides the env (same spaces only)."""
+    checkpoint = torch.load(model_path, map_location=device, weights_only=False)  # our own file: trusted
+    saved = checkpoint["args"]
+    env_kwargs, minari_dataset = ({}, None) if env_id else (checkpoint.get("env_kwargs", {}), None)
+    env_id = env_id or checkpoint.get("env_id")
+    if env_id is None:  # the dataset's own eval env (Minari)
+        import minari
+
+        minari_dataset = minari.load_dataset(saved["dataset"])
+    if capture_video and env_id is not None:
+        check_video_prerequisites(env_id)
+    env = make_env(env_id, seed, env_kwargs, capture_video, video_folder, minari_dataset, eval_episodes)
     policy = GaussianPolicy(
-        env.observation_space.shape[0], env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"]
+        env.observation_space.shape[0], env.action_space.low, env.action_space.high, saved["hidden_size"]
     ).to(device)
-    policy.load_state_dict(checkpoint["policy"])
+    try:
+        policy.load_state_dict(checkpoint["policy"])
+    except RuntimeError:  # size mismatch
+        raise SystemExit(
+            f"error: {model_path} was trained on {saved['dataset']}, whose spaces differ from {env_id}'s; "
+            "leave out the env id to use the dataset's env"
+        ) from None
     return evaluate_policy(policy, env, eval_episodes, torch.device(device), seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a run needs to continue exactly where it stopped
+# ---------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (`--total-timesteps 5`, `--no-cuda` -> total_timesteps, cuda)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n for n in names}
+
+
+def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
+    """The checkpointed run's flags, with those of RESUME_OVERRIDES given on the command line; any other
+    flag that differs from the run's is refused, since changing it mid-run would make a different run."""
+    fields = Args.__dataclass_fields__
+    for name in sorted(given & fields.keys() - {"resume", *RESUME_OVERRIDES}):
+        if name in saved and getattr(args, name) != saved[name]:
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} cannot change on --resume (the run used {saved[name]!r}); "
+                "start a new run instead"
+            )
+    merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
+    merged.update({k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k == "resume" or k in given})
+    return Args(**merged)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous checkpoint whole."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_model:
+        if not os.path.isfile(args.eval_model):
+            raise SystemExit(f"error: --eval-model {args.eval_model}: no such file")
+        returns = evaluate(args.eval_model, None, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(
+            f"{args.eval_model}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+        )
+        raise SystemExit(0)
+    checkpoint = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
+        args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
     info = load_dataset(args.dataset)
     data = qlearning_dataset(info["raw"])
@@ -478,14 +616,20 @@ if __name__ == "__main__":
     if env_id is None and "eval_env" not in info:
         raise SystemExit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
     env_kwargs = info["env_kwargs"] if args.env_id is None else {}
-    run_name = f"{args.dataset.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{run_name}", info.get("eval_env"))
+    if checkpoint:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.dataset.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    video_folder, minari_dataset = f"videos/{run_name}", info.get("eval_env")
+    if args.capture_video and env_id is not None:
+        check_video_prerequisites(env_id)
+    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, video_folder, minari_dataset, args.eval_episodes)
     env_name = env_id or env.spec.id
     check_env_matches(env, env_name, data)
 
     returns_in_data = episode_returns(info["raw"])
     reward_scale = 1.0
-    if args.normalize_reward and info["locomotion"]:
+    if args.normalize_reward:  # every dataset, file or Minari: the same data gets the same scale
         reward_scale = 1000.0 / max(returns_in_data.max() - returns_in_data.min(), 1e-8)
     ref_scores = info["ref_scores"]
 
@@ -504,11 +648,13 @@ if __name__ == "__main__":
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # on resume, purge_step hides what the stopped run logged after its checkpoint
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -545,8 +691,61 @@ if __name__ == "__main__":
         f"the critics' Polyak rate (CleanRL's --tau) is --lam {args.lam}; --beta {args.beta} is the Gumbel temperature"
     )
 
+    networks = {"policy": policy, "vf": vf}
+    networks |= {f"qf{i}": qf for i, qf in enumerate(critics, start=1)}
+    networks |= {f"qf{i}_target": qf for i, qf in enumerate(critics_target, start=1)}
+    optimizers = {"v": v_optimizer, "q": q_optimizer, "policy": policy_optimizer, "policy_lr": policy_lr_schedule}
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+
+    def write_checkpoint(step: int) -> None:
+        """Everything the loop's step number `step` depends on, written before it runs."""
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "args": vars(args),
+                "run_name": run_name,
+                "global_step": step,
+                "networks": {name: net.state_dict() for name, net in networks.items()},
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "rng": rng_state(),
+                "policy": policy.state_dict(),  # --eval-model reads these, as in a saved model
+                "env_id": env_id,
+                "env_kwargs": env_kwargs,
+            },
+        )
+
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        """SIGTERM (Slurm, a job's time limit) or Ctrl-C: checkpoint before the next step, then exit."""
+        if stop_signals:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    start_step = 0
+    if checkpoint:
+        for name, net in networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(checkpoint["optimizers"][name])
+        # a longer --total-timesteps stretches the rest of the cosine schedule to the new end (a kink, no restart)
+        policy_lr_schedule.T_max = args.total_timesteps
+        start_step = checkpoint["global_step"]
+        set_rng_state(checkpoint["rng"])
+        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
+
     start_time = time.time()
-    for global_step in range(args.total_timesteps):
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_signals or (global_step == args.stop_at and global_step > start_step):
+            write_checkpoint(global_step)
+            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
+            print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
+            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+        if args.checkpoint_frequency and global_step > start_step and global_step % args.checkpoint_frequency == 0:
+            write_checkpoint(global_step)
         idx = torch.randint(0, n_data, (args.batch_size,), device=device)
         b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
         b_next_obs, b_dones = D["next_observations"][idx], D["dones"][idx]
@@ -598,7 +797,7 @@ if __name__ == "__main__":
                 "losses/awr_weights_capped_frac", (weights >= args.max_weight).float().mean().item(), global_step
             )
             writer.add_scalar("charts/policy_learning_rate", policy_optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
             returns = evaluate_policy(policy, env, args.eval_episodes, device, args.seed + 10_000)
@@ -608,8 +807,11 @@ if __name__ == "__main__":
                 score = normalized_score(returns, *ref_scores)
                 writer.add_scalar("eval/normalized_score", score.mean(), global_step)
                 line += f", normalized score {score.mean():.1f} +- {score.std():.1f}"
-            print(f"{line}, SPS {int((global_step + 1) / (time.time() - start_time))}", flush=True)
+            print(f"{line}, SPS {int((global_step + 1 - start_step) / (time.time() - start_time))}", flush=True)
 
+    if args.checkpoint_frequency:  # the end too, so that a finished run can be extended with --resume
+        write_checkpoint(args.total_timesteps)
+        print(f"checkpoint written to {checkpoint_path}")
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save(
@@ -618,15 +820,16 @@ if __name__ == "__main__":
                 "policy": policy.state_dict(),
                 "vf": vf.state_dict(),
                 "critics": [qf.state_dict() for qf in critics],
+                "env_id": env_id,  # None: the Minari dataset's own eval env
+                "env_kwargs": env_kwargs,
             },
             model_path,
         )
         print(f"model saved to {model_path}")
-        if env_id is not None:
-            returns = evaluate(model_path, env_id, args.eval_episodes, args.seed + 20_000, str(device), env_kwargs)
-            for idx, episodic_return in enumerate(returns):
-                writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-            print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
+        returns = evaluate(model_path, None, args.eval_episodes, args.seed + 20_000, str(device))
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
 
     env.close()
     writer.close()

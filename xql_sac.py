@@ -124,7 +124,10 @@ class Args:
     the env mid-episode and the replay buffer (4 bytes x (2 obs + action + 2) floats per transition)"""
     resume: str | None = None
     """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
-    reused, and only --total-timesteps, --checkpoint-frequency, --cuda and --track may change"""
+    reused, and only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    stop_at: int | None = None
+    """checkpoint and exit when the run reaches this step: one chunk of a longer run (a job time limit),
+    continued with --resume; schedules still span --total-timesteps"""
     eval_model: str | None = None
     """evaluate this saved model or checkpoint (env and sizes come from the file) for --eval-episodes
     episodes, with --capture-video if given, and exit"""
@@ -408,7 +411,7 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: everything a run needs to continue exactly where it stopped
 # ---------------------------------------------------------------------------------------------
-RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "cuda", "track")
+RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
 
 
 def flags_given(argv: list[str]) -> set[str]:
@@ -630,12 +633,11 @@ if __name__ == "__main__":
     start_time = time.time()
     actor_loss, alpha_loss = torch.tensor(float("nan")), torch.tensor(float("nan"))
     for global_step in range(start_step, args.total_timesteps):
-        if stop_signals:
+        if stop_signals or (global_step == args.stop_at and global_step > start_step):
             write_checkpoint(global_step)
-            print(
-                f"stopped by signal {stop_signals[0]} at step {global_step}; continue with --resume {checkpoint_path}"
-            )
-            sys.exit(128 + stop_signals[0])
+            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
+            print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
+            sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if args.checkpoint_frequency and global_step > start_step and global_step % args.checkpoint_frequency == 0:
             write_checkpoint(global_step)
         if global_step < args.learning_starts:

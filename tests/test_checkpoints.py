@@ -1,0 +1,123 @@
+"""Long runs that survive interruption: checkpoint, resume, SIGTERM, and evaluating a saved file.
+
+The property that matters is exactness: a run stopped half-way and resumed from its checkpoint must
+end with the same weights, bit for bit, as the same run done in one go. That needs every piece of
+state: networks, target networks, optimizers, random generators, the replay buffer (here made to
+wrap around) and the env in the middle of an episode (MuJoCo physics included).
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, read_scalars, run_script
+
+CONTINUOUS = ["xql_sac.py", "xql_td3.py", "iq_continuous.py", "miq_continuous.py"]
+# Hopper-v5: MuJoCo state must be restored mid-episode; a 200-transition buffer wraps around
+SMALL = "--env-id Hopper-v5 --learning-starts 100 --buffer-size 200 --eval-frequency 200 --eval-episodes 1 --seed 5"
+
+
+def tensors(obj, prefix=""):
+    """Every tensor in a nested dict/list, by path."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    out = {}
+    for key, value in items:
+        if isinstance(value, torch.Tensor):
+            out[prefix + str(key)] = value
+        elif isinstance(value, (dict, list)):
+            out.update(tensors(value, f"{prefix}{key}."))
+    return out
+
+
+def saved_model(folder):
+    (path,) = glob.glob(os.path.join(str(folder), "runs", "*", "*.cleanrl_model"))
+    return torch.load(path, weights_only=False)
+
+
+def checkpoint_path(folder):
+    (path,) = glob.glob(os.path.join(str(folder), "runs", "*", "checkpoint.pt"))
+    return path
+
+
+@pytest.mark.parametrize("script", CONTINUOUS)
+def test_half_resume_half_equals_one_go(script, tmp_path):
+    flags = [*SMALL.split(), "--save-model", "--no-cuda"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    straight.mkdir(), halves.mkdir()
+    proc = run_script(script, [*flags, "--total-timesteps", 400], straight)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(script, [*flags, "--total-timesteps", 200, "--checkpoint-frequency", 200], halves)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(script, ["--resume", checkpoint_path(halves), "--total-timesteps", 400], halves)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed" in proc.stdout and "at step 200 of 400" in proc.stdout
+    a, b = tensors(saved_model(straight)), tensors(saved_model(halves))
+    assert a.keys() == b.keys() and len(a) >= 10
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ after resume: {different}"
+    # the resumed run logs into the same TensorBoard run, continuing its steps
+    evals = read_scalars(halves)["eval/episodic_return"]
+    assert [s for s, _ in evals] == [199, 399]
+
+
+@pytest.mark.parametrize("script", CONTINUOUS)
+def test_sigterm_writes_a_checkpoint_that_resumes(script, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, script), *SMALL.split(), "--no-cuda", "--total-timesteps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # into training
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "continue with --resume" in out
+    checkpoint = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    stopped_at = checkpoint["global_step"]
+    assert 0 < stopped_at < 100_000
+    resumed = run_script(
+        script, ["--resume", checkpoint_path(tmp_path), "--total-timesteps", stopped_at + 150], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {stopped_at} of {stopped_at + 150}" in resumed.stdout
+
+
+@pytest.mark.parametrize("script", CONTINUOUS)
+def test_resume_refuses_a_changed_flag_and_eval_model_needs_only_the_path(script, tmp_path):
+    proc = run_script(
+        script, [*SMALL.split(), "--no-cuda", "--total-timesteps", 150, "--checkpoint-frequency", 150], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = checkpoint_path(tmp_path)
+    proc = run_script(script, ["--resume", path, "--gamma", 0.9], tmp_path)
+    assert_one_line_error(proc, "--gamma", "cannot change on --resume")
+    proc = run_script(script, ["--resume", "nowhere.pt"], tmp_path)
+    assert_one_line_error(proc, "--resume nowhere.pt", "no such file")
+    # the checkpoint holds the env id and the sizes: evaluating needs its path only
+    proc = run_script(script, ["--eval-model", path, "--eval-episodes", 2], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval return" in proc.stdout and "over 2 episodes" in proc.stdout
+    # on an env whose spaces differ, a one-line error instead of a state_dict size mismatch
+    module = __import__(script[:-3])
+    with pytest.raises(SystemExit, match="was trained on Hopper-v5"):
+        module.evaluate(path, "Pendulum-v1", eval_episodes=1)
+
+
+@pytest.mark.parametrize("script", CONTINUOUS)
+def test_capture_video_prerequisites_are_checked_before_training(script, tmp_path):
+    try:
+        import moviepy  # noqa: F401
+        import pygame  # noqa: F401
+
+        pytest.skip("moviepy and pygame are installed: nothing is missing")
+    except ImportError as exc:
+        missing = exc.name
+    proc = run_script(script, ["--env-id", "Pendulum-v1", "--capture-video"], tmp_path, timeout=120)
+    assert_one_line_error(proc, "--capture-video", missing)
+    assert not (tmp_path / "runs").exists()
