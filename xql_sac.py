@@ -27,11 +27,10 @@ the gradients bounded; the derivation of why the minimiser is unchanged is in `g
 
 Defaults follow CleanRL's sac_continuous_action.py (256-256 MLPs, policy lr 3e-4, critic and
 value lr 1e-3, batch 256, 5000 random steps, actor every 2 steps, autotuned alpha) so results
-compare with it. beta = 2 and the paper's exp clip 8 (the authors' code uses 10). The paper's
-DM-Control settings (batch 1024, lr 1e-4, 1024-1024 networks, beta 1-5 per env) are listed in
-docs/xql_online.md. Open problem: on Hopper-v5 at these defaults X-SAC's critics overestimate
-(eval/q_estimate about 500 against a discounted return below 90 from 40k steps) and returns
-collapse; beta = 10 did not prevent it. Terminations end bootstrapping; time-limit truncations bootstrap from the true last
+compare with it, and the paper's exp clip 8 (the authors' code uses 10). beta comes from a per-env
+table, BETA_DEFAULTS (100 on Gym MuJoCo locomotion, 2 elsewhere), printed at start; --beta overrides
+it. The paper's DM-Control settings (batch 1024, lr 1e-4, 1024-1024 networks, beta 1-5 per env) are
+listed in docs/xql_online.md. Terminations end bootstrapping; time-limit truncations bootstrap from the true last
 observation (one env, not a vector env, keeps it at hand).
 
 Usage:
@@ -108,8 +107,8 @@ class Args:
     """automatic tuning of alpha_sac to the target entropy -dim(A)"""
     value_loss: Literal["gumbel", "sac"] = "gumbel"
     """`gumbel`: X-SAC (Gumbel regression on min Q); `sac`: SAC's MSE on min Q - alpha_sac ln pi"""
-    beta: float = 2.0
-    """the Gumbel regression temperature beta (paper: 1-5 per env)"""
+    beta: float | None = None
+    """the Gumbel regression temperature beta; default: the per-env table BETA_DEFAULTS (printed at start)"""
     exp_clip: float = 8.0
     """upper clip c of the normalised residual z = (y - V)/beta in the Gumbel loss, min(z, c) (paper: 8)"""
     eval_frequency: int = 10000
@@ -133,6 +132,22 @@ class Args:
     episodes, with --capture-video if given, and exit"""
 
 
+# The default beta per env. V(s) is the Gumbel soft maximum beta*ln E_a~pi[exp(min Q(s, a)/beta)] over
+# the policy's own actions, so it sits above their mean by about Var_a[Q]/(2 beta), every backup. The
+# paper's 1-5 fit DM Control, whose rewards are in [0, 1] per step. On Hopper-v5, whose Q values are
+# ~100 and spread by tens across a stochastic policy's actions, beta 2, 10 and 30 all let V climb far
+# above the returns obtained until the runs collapsed; 100 kept eval/q_estimate at the discounted
+# return (docs/xql_online.md). The other Gym locomotion entries take the same value untuned.
+BETA_DEFAULTS = {"Hopper": 100.0, "Walker2d": 100.0, "HalfCheetah": 100.0, "Ant": 100.0, "Humanoid": 100.0}
+BETA_FALLBACK = 2.0
+
+
+def default_beta(env_id: str) -> float:
+    """beta from BETA_DEFAULTS by the env's name (any version), else BETA_FALLBACK."""
+    name = env_id.split("/")[-1]
+    return next((beta for prefix, beta in BETA_DEFAULTS.items() if name.startswith(prefix)), BETA_FALLBACK)
+
+
 def check_args(args: Args) -> None:
     """Stop with a one-line error naming the fix, before anything is built."""
     if args.eval_frequency < 1:
@@ -142,7 +157,7 @@ def check_args(args: Args) -> None:
             f"error: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: no "
             "gradient step would run; lower --learning-starts"
         )
-    if not args.beta > 0:
+    if args.beta is not None and not args.beta > 0:
         raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 1-5 for X-SAC")
     if not args.exp_clip > 0:
         raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8")
@@ -507,6 +522,8 @@ if __name__ == "__main__":
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
         args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
+    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}, BETA_DEFAULTS"
+    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
     if args.capture_video:
         check_video_prerequisites(args.env_id)
     env = make_env(args.env_id, args.seed)
@@ -572,6 +589,7 @@ if __name__ == "__main__":
     )
     print(
         f"--alpha {args.alpha} is SAC's initial temperature (as in CleanRL); the Polyak rate (CleanRL's --tau) is --lam {args.lam}"
+        + (f"; beta {args.beta} ({beta_source}) is the Gumbel temperature" if args.value_loss == "gumbel" else "")
     )
 
     networks = {"actor": actor, "qf1": qf1, "qf2": qf2, "vf": vf, "vf_target": vf_target}
