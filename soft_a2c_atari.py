@@ -42,6 +42,8 @@ Usage:
 import os
 import random
 import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -120,6 +122,19 @@ class Args:
     """the number of evaluation episodes (actions sampled from pi)"""
     log_frequency: int = 100
     """log losses every this many updates"""
+    checkpoint_frequency: int = 0
+    """write runs/{run_name}/checkpoint.pt about every this many agent steps and at the end (0: only when
+    stopped by SIGTERM or SIGINT): network, optimizer, random states and counters (about 20 MB). A
+    resumed run starts new games (ale-py's vector env cannot save its emulators)"""
+    resume: str | None = None
+    """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
+    reused, and only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    stop_at: int | None = None
+    """checkpoint and exit at the first update boundary at or after this agent step: one chunk of a longer
+    run (a job time limit), continued with --resume; the learning-rate schedule still spans --total-timesteps"""
+    eval_model: str | None = None
+    """evaluate this saved model or checkpoint (the game comes from the file) for --eval-episodes
+    episodes, with --capture-video if given, and exit"""
 
 
 def check_args(args: Args) -> None:
@@ -130,6 +145,27 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --num-envs must be at least 1 (got {args.num_envs}); the paper uses 16")
     if args.num_steps < 1:
         raise SystemExit(f"error: --num-steps must be at least 1 (got {args.num_steps}); A2C uses 5")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise SystemExit(
+            f"error: --total-timesteps {args.total_timesteps} < one rollout of --num-envs x --num-steps = "
+            f"{args.num_envs * args.num_steps} agent steps: no update would run; raise --total-timesteps"
+        )
+    if args.eval_frequency < 1:
+        raise SystemExit(f"error: --eval-frequency must be >= 1 (got {args.eval_frequency}); it is in agent steps")
+    if args.checkpoint_frequency < 0:
+        raise SystemExit(
+            f"error: --checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}); 0 turns it off"
+        )
+    if args.capture_video:
+        check_video_prerequisites()
+
+
+def check_video_prerequisites() -> None:
+    """Videos are written with moviepy: say so at start, not at the first evaluation."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: --capture-video needs moviepy: pip install moviepy") from None
 
 
 def atari_game(env_id: str) -> str:
@@ -146,9 +182,13 @@ def atari_game(env_id: str) -> str:
     return snake
 
 
-def make_env(game: str, num_envs: int, seed: int, sticky: bool, episodic_life: bool, max_frames: int = 108000):
+def make_env(
+    game: str, num_envs: int, seed: int, sticky: bool, episodic_life: bool, max_frames: int = 108000, rgb: bool = False
+):
     """ale-py's C++ vector env with DeepMind's preprocessing; unclipped rewards; same-step autoreset
-    (the returned observation is the reset one, the true last one is in info["final_obs"])."""
+    (the returned observation is the reset one, the true last one is in info["final_obs"]).
+    rgb=True: the same env showing the game's 210x160 colour screen (for videos; fed the same actions
+    with the same seed it plays the same game)."""
     from ale_py.vector_env import AtariVectorEnv
 
     env = AtariVectorEnv(
@@ -161,10 +201,10 @@ def make_env(game: str, num_envs: int, seed: int, sticky: bool, episodic_life: b
         max_num_frames_per_episode=max_frames,
         noop_max=30,
         frameskip=4,
-        stack_num=4,
-        img_height=84,
-        img_width=84,
-        grayscale=True,
+        stack_num=1 if rgb else 4,
+        img_height=210 if rgb else 84,
+        img_width=160 if rgb else 84,
+        grayscale=not rgb,
         maxpool=True,
         use_fire_reset=True,
         autoreset_mode="SameStep",
@@ -321,49 +361,149 @@ def evaluate_policy(
     sticky: bool = False,
     max_frames: int = 108000,
     video_folder: str | None = None,
+    video_name: str = "eval",
 ) -> np.ndarray:
-    """Game returns (unclipped, whole games) of episodes acting with actions sampled from pi."""
+    """Game returns (unclipped, whole games) of episodes acting with actions sampled from pi. With a
+    video folder, the first game is saved as `video_name`-episode-0.mp4 in colour: a twin env with the
+    same seed, fed the same actions, shows the screen the network sees in 84x84 grey."""
     env = make_env(game, 1, seed, sticky, episodic_life=False, max_frames=max_frames)
+    twin = make_env(game, 1, seed, sticky, False, max_frames, rgb=True) if video_folder else None
     generator = torch.Generator(device=device).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
-    returns, ret, frames = [], 0.0, []
+    frames = [twin.reset(seed=seed)[0][0, -1]] if twin else []
+    returns, ret = [], 0.0
     while len(returns) < n_episodes:
         with torch.no_grad():
             logits, _ = agent(torch.as_tensor(obs, device=device))
             action = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
         obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
         ret += float(reward[0])
-        if video_folder is not None and len(returns) == 0:
-            frames.append(obs[0, -1])
+        if twin and not returns:
+            frames.append(twin.step(action.cpu().numpy())[0][0, -1])
         if terminated[0] or truncated[0]:
             returns.append(ret)
             ret = 0.0
     env.close()
-    if video_folder is not None and frames:
+    if twin:
+        twin.close()
         from gymnasium.utils.save_video import save_video
 
-        save_video([np.repeat(f[:, :, None], 3, axis=2) for f in frames], video_folder, fps=15, name_prefix="eval")
+        save_video(frames, video_folder, fps=15, name_prefix=video_name)
     return np.array(returns)
 
 
 def evaluate(
-    model_path: str, env_id: str, eval_episodes: int = 10, seed: int = 0, device: str = "cpu", max_frames: int = 108000
+    model_path: str,
+    env_id: str | None = None,
+    eval_episodes: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    max_frames: int | None = None,
+    video_folder: str | None = None,
 ) -> np.ndarray:
-    """Reload a model written by --save-model and return its evaluation game returns."""
-    checkpoint = torch.load(model_path, map_location=device)
-    game = atari_game(env_id)
-    agent = Agent(checkpoint["n_actions"]).to(device)
+    """Evaluation game returns of a model written by --save-model or a checkpoint. The game and the
+    episode cap come from the file unless given."""
+    checkpoint = torch.load(model_path, map_location=device, weights_only=False)  # our own file: trusted
+    saved = checkpoint["args"]
+    game = atari_game(env_id or saved["env_id"])
+    max_frames = saved["max_episode_frames"] if max_frames is None else max_frames
+    n_actions = make_env(game, 1, seed, False, False).single_action_space.n
+    if n_actions != checkpoint["n_actions"]:
+        raise SystemExit(
+            f"error: {model_path} was trained on {saved['env_id']} ({checkpoint['n_actions']} actions), not "
+            f"{env_id} ({n_actions}); leave out the env id to use {saved['env_id']}"
+        )
+    agent = Agent(n_actions).to(device)
     agent.load_state_dict(checkpoint["agent"])
-    return evaluate_policy(agent, game, eval_episodes, seed, torch.device(device), max_frames=max_frames)
+    return evaluate_policy(
+        agent, game, eval_episodes, seed, torch.device(device), saved["sticky_actions"], max_frames, video_folder
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what a run needs to continue where it stopped (the games in progress start anew)
+# ---------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (`--total-timesteps 5`, `--no-cuda` -> total_timesteps, cuda)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n for n in names}
+
+
+def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
+    """The checkpointed run's flags, with those of RESUME_OVERRIDES given on the command line; any other
+    flag that differs from the run's is refused, since changing it mid-run would make a different run."""
+    fields = Args.__dataclass_fields__
+    for name in sorted(given & fields.keys() - {"resume", *RESUME_OVERRIDES}):
+        if name in saved and getattr(args, name) != saved[name]:
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} cannot change on --resume (the run used {saved[name]!r}); "
+                "start a new run instead"
+            )
+    merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
+    # --resume and --stop-at come from this command line only: a chunk's stop is not the next chunk's
+    merged.update(
+        {k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k in ("resume", "stop_at") or k in given}
+    )
+    return Args(**merged)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous checkpoint whole."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_model:
+        if not os.path.isfile(args.eval_model):
+            raise SystemExit(f"error: --eval-model {args.eval_model}: no such file")
+        if args.capture_video:
+            check_video_prerequisites()
+        video = "videos/eval" if args.capture_video else None
+        returns = evaluate(args.eval_model, None, args.eval_episodes, args.seed, "cpu", video_folder=video)
+        print(
+            f"{args.eval_model}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+        )
+        raise SystemExit(0)
+    checkpoint = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
+        args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
     game = atari_game(args.env_id)
-    envs = make_env(game, args.num_envs, args.seed, args.sticky_actions, args.episodic_life, args.max_episode_frames)
+    start_step = checkpoint["global_step"] if checkpoint else 0
+    # a resumed run starts new games, seeded by the step it resumes at
+    envs = make_env(
+        game, args.num_envs, args.seed + start_step, args.sticky_actions, args.episodic_life, args.max_episode_frames
+    )
     n_actions = envs.single_action_space.n
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     if args.track:
         try:
@@ -380,11 +520,14 @@ if __name__ == "__main__":
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # on resume, purge_step hides what the stopped run logged after its checkpoint (taken after the
+    # update that reached start_step had logged at start_step)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -406,13 +549,67 @@ if __name__ == "__main__":
         f"{args.objective}, regularizer {args.regularizer}, tau={args.tau}; device={device}; logging to runs/{run_name}"
     )
     print(f"--tau {args.tau} is the regularisation temperature (the role of CleanRL's --ent-coef)")
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    print(
+        f"checkpoints go to {checkpoint_path} "
+        f"({f'every {args.checkpoint_frequency} steps' if args.checkpoint_frequency else 'on SIGTERM/SIGINT only'})"
+    )
+
+    def write_checkpoint(iteration: int) -> None:
+        """What the next update (number `iteration` + 1) depends on, but the games in progress."""
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "args": vars(args),
+                "run_name": run_name,
+                "n_actions": int(n_actions),
+                "iteration": iteration,
+                "global_step": global_step,
+                "next_eval": next_eval,
+                "next_checkpoint": next_checkpoint,
+                "agent": agent.state_dict(),  # --eval-model reads this, as in a saved model
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+            },
+        )
+
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        """SIGTERM (Slurm, a job's time limit) or Ctrl-C: checkpoint after this update, then exit."""
+        if stop_signals:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    global_step, next_eval, start_iteration = 0, args.eval_frequency, 1
+    next_checkpoint = args.checkpoint_frequency
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        global_step, next_eval = checkpoint["global_step"], checkpoint["next_eval"]
+        start_iteration = checkpoint["iteration"] + 1
+        next_checkpoint = checkpoint["next_checkpoint"] if checkpoint["next_checkpoint"] else args.checkpoint_frequency
+        while args.checkpoint_frequency and next_checkpoint <= global_step:
+            next_checkpoint += args.checkpoint_frequency
+        print(f"resumed {args.resume} at step {global_step} of {args.total_timesteps}, new games")
 
     start_time = time.time()
-    obs, _ = envs.reset(seed=args.seed)
+    obs, _ = envs.reset(seed=args.seed + start_step)
     obs = torch.as_tensor(obs, device=device)
     game_returns, game_lengths = np.zeros(N), np.zeros(N, dtype=np.int64)
-    global_step, next_eval = 0, args.eval_frequency
-    for iteration in range(1, num_updates + 1):
+    for iteration in range(start_iteration, num_updates + 1):
+        if stop_signals or (args.stop_at is not None and global_step >= args.stop_at and global_step > start_step):
+            write_checkpoint(iteration - 1)
+            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
+            print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
+            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+        if args.checkpoint_frequency and global_step >= next_checkpoint:
+            next_checkpoint += args.checkpoint_frequency
+            write_checkpoint(iteration - 1)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_updates)
         for step in range(T):
@@ -450,11 +647,11 @@ if __name__ == "__main__":
             for key, value in stats.items():
                 writer.add_scalar(f"losses/{key}", float(value), global_step)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
 
         if global_step >= next_eval or iteration == num_updates:
             next_eval += args.eval_frequency
-            video = f"videos/{run_name}" if args.capture_video else None
+            video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
             returns = evaluate_policy(
                 agent,
                 game,
@@ -464,22 +661,24 @@ if __name__ == "__main__":
                 args.sticky_actions,
                 args.max_episode_frames,
                 video,
+                f"eval-step-{global_step}",
             )
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            sps = int(global_step / (time.time() - start_time))
+            sps = int((global_step - start_step) / (time.time() - start_time))
             print(
                 f"step {global_step}/{args.total_timesteps}: eval return {returns.mean():.1f} +- {returns.std():.1f}, "
                 f"SPS {sps}",
                 flush=True,
             )
 
+    if args.checkpoint_frequency:  # the end too, so that a finished run can be extended with --resume
+        write_checkpoint(num_updates)
+        print(f"checkpoint written to {checkpoint_path}")
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save({"args": vars(args), "n_actions": int(n_actions), "agent": agent.state_dict()}, model_path)
         print(f"model saved to {model_path}")
-        returns = evaluate(
-            model_path, args.env_id, args.eval_episodes, args.seed + 20_000, str(device), args.max_episode_frames
-        )
+        returns = evaluate(model_path, None, args.eval_episodes, args.seed + 20_000, str(device))
         for idx, episodic_return in enumerate(returns):
             writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
         print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")

@@ -47,6 +47,8 @@ Usage:
 import os
 import random
 import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -126,6 +128,22 @@ class Args:
     """epsilon of the evaluation episodes"""
     log_frequency: int = 100
     """log losses every this many gradient steps"""
+    checkpoint_frequency: int = 0
+    """write runs/{run_name}/checkpoint.pt every this many env steps and at the end (0: only when stopped
+    by SIGTERM or SIGINT): networks, optimizer, random states and counters; the replay buffer only
+    with --checkpoint-buffer. A resumed run starts new games (ale-py's vector env cannot save its emulator)"""
+    checkpoint_buffer: bool = False
+    """also put the replay buffer in checkpoints (its size is printed at start: 7 GB at the default 1M
+    frames); without it a resumed run refills the buffer for --learning-starts steps before training"""
+    resume: str | None = None
+    """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
+    reused, and only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    stop_at: int | None = None
+    """checkpoint and exit when the run reaches this step: one chunk of a longer run (a job time limit),
+    continued with --resume; schedules still span --total-timesteps"""
+    eval_model: str | None = None
+    """evaluate this saved model or checkpoint (the game comes from the file) for --eval-episodes
+    episodes, with --capture-video if given, and exit"""
 
 
 def check_args(args: Args) -> None:
@@ -138,6 +156,27 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --n-step must be at least 1 (got {args.n_step})")
     if args.batch_size < 1 or args.buffer_size < 4 * args.batch_size or args.train_frequency < 1:
         raise SystemExit("error: --batch-size and --train-frequency must be positive and --buffer-size >= 4 x batch")
+    if args.eval_frequency < 1:
+        raise SystemExit(f"error: --eval-frequency must be >= 1 (got {args.eval_frequency}); it is in env steps")
+    if args.learning_starts >= args.total_timesteps:
+        raise SystemExit(
+            f"error: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: no "
+            "gradient step would run; lower --learning-starts"
+        )
+    if args.checkpoint_frequency < 0:
+        raise SystemExit(
+            f"error: --checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}); 0 turns it off"
+        )
+    if args.capture_video:
+        check_video_prerequisites()
+
+
+def check_video_prerequisites() -> None:
+    """Videos are written with moviepy: say so at start, not at the first evaluation."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: --capture-video needs moviepy: pip install moviepy") from None
 
 
 def atari_game(env_id: str) -> str:
@@ -155,8 +194,12 @@ def atari_game(env_id: str) -> str:
     return snake
 
 
-def make_env(game: str, num_envs: int, seed: int, sticky: bool, episodic_life: bool, max_frames: int = 108000):
-    """ale-py's C++ vector env with DeepMind's preprocessing; rewards unclipped (we clip for training)."""
+def make_env(
+    game: str, num_envs: int, seed: int, sticky: bool, episodic_life: bool, max_frames: int = 108000, rgb: bool = False
+):
+    """ale-py's C++ vector env with DeepMind's preprocessing; rewards unclipped (we clip for training).
+    rgb=True: the same env showing the game's 210x160 colour screen (for videos; fed the same actions
+    with the same seed it plays the same game)."""
     from ale_py.vector_env import AtariVectorEnv
 
     env = AtariVectorEnv(
@@ -169,10 +212,10 @@ def make_env(game: str, num_envs: int, seed: int, sticky: bool, episodic_life: b
         max_num_frames_per_episode=max_frames,
         noop_max=30,
         frameskip=4,
-        stack_num=4,
-        img_height=84,
-        img_width=84,
-        grayscale=True,
+        stack_num=1 if rgb else 4,
+        img_height=210 if rgb else 84,
+        img_width=160 if rgb else 84,
+        grayscale=not rgb,
         maxpool=True,
         use_fire_reset=True,
     )
@@ -204,6 +247,25 @@ class FrameReplayBuffer:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.frames, self.newest, self.actions, self.rewards, self.dones, self.ends))
+
+    ARRAYS = ("frames", "newest", "actions", "rewards", "dones", "ends")
+
+    def state_dict(self) -> dict:
+        """Torch tensors sharing the arrays' memory: torch.save writes them apart, with no 4 GB pickle limit."""
+        return {"frame_count": self.frame_count, "count": self.count} | {
+            k: torch.from_numpy(getattr(self, k)) for k in self.ARRAYS
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frame_count, self.count = state["frame_count"], state["count"]
+        for k in self.ARRAYS:
+            getattr(self, k)[:] = state[k].numpy()
+
+    def cut_episode(self) -> None:
+        """End the stored episode here as a truncation (its last next-frame is stored): a resumed run
+        starts a new game, and no n-step window may run across into it."""
+        if self.count:
+            self.ends[(self.count - 1) % self.capacity] = True
 
     def _write_frame(self, frame) -> None:
         self.frames[self.frame_count % self.capacity] = frame
@@ -370,56 +432,157 @@ def evaluate_policy(
     sticky: bool = False,
     video_folder: str | None = None,
     max_frames: int = 108000,
+    video_name: str = "eval",
 ) -> np.ndarray:
-    """Game returns (unclipped, whole games) of epsilon-greedy episodes."""
+    """Game returns (unclipped, whole games) of epsilon-greedy episodes. With a video folder, the first
+    game is saved as `video_name`-episode-0.mp4 in colour: a twin env with the same seed, fed the
+    same actions, shows the screen the network sees in 84x84 grey."""
     env = make_env(game, 1, seed, sticky, episodic_life=False, max_frames=max_frames)
+    twin = make_env(game, 1, seed, sticky, False, max_frames, rgb=True) if video_folder else None
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
-    returns, ret, frames = [], 0.0, []
+    frames = [twin.reset(seed=seed)[0][0, -1]] if twin else []
+    returns, ret = [], 0.0
     while len(returns) < n_episodes:
         action = act(q_network, obs, epsilon, False, 1.0, env.single_action_space.n, device, rng)
         obs, reward, terminated, truncated, _ = env.step(action)
         ret += float(reward[0])
-        if video_folder is not None and len(returns) == 0:
-            frames.append(obs[0, -1])
+        if twin and not returns:
+            frames.append(twin.step(action)[0][0, -1])
         if terminated[0] or truncated[0]:
             returns.append(ret)
             ret = 0.0
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
     env.close()
-    if video_folder is not None and frames:
+    if twin:
+        twin.close()
         from gymnasium.utils.save_video import save_video
 
-        rgb = [np.repeat(f[:, :, None], 3, axis=2) for f in frames]
-        save_video(rgb, video_folder, fps=15, name_prefix="eval")
+        save_video(frames, video_folder, fps=15, name_prefix=video_name)
     return np.array(returns)
 
 
 def evaluate(
     model_path: str,
-    env_id: str,
+    env_id: str | None = None,
     eval_episodes: int = 10,
     seed: int = 0,
     device: str = "cpu",
-    epsilon: float = 0.001,
-    max_frames: int = 108000,
+    epsilon: float | None = None,
+    max_frames: int | None = None,
+    video_folder: str | None = None,
 ) -> np.ndarray:
-    """Reload a model written by --save-model and return its evaluation game returns."""
-    checkpoint = torch.load(model_path, map_location=device)
-    game = atari_game(env_id)
+    """Evaluation game returns of a model written by --save-model or a checkpoint. The game, the
+    evaluation epsilon and the episode cap come from the file unless given."""
+    checkpoint = torch.load(model_path, map_location=device, weights_only=False)  # our own file: trusted
+    saved = checkpoint["args"]
+    game = atari_game(env_id or saved["env_id"])
+    epsilon = saved["eval_epsilon"] if epsilon is None else epsilon
+    max_frames = saved["max_episode_frames"] if max_frames is None else max_frames
     n_actions = make_env(game, 1, seed, False, False).single_action_space.n
     q_network = QNetwork(n_actions).to(device)
-    q_network.load_state_dict(checkpoint["q_network"])
-    return evaluate_policy(q_network, game, eval_episodes, epsilon, seed, torch.device(device), max_frames=max_frames)
+    try:
+        q_network.load_state_dict(checkpoint["q_network"])
+    except RuntimeError:  # another action set
+        raise SystemExit(
+            f"error: {model_path} was trained on {saved['env_id']}, whose action set differs from {env_id}'s; "
+            f"leave out the env id to use {saved['env_id']}"
+        ) from None
+    return evaluate_policy(
+        q_network,
+        game,
+        eval_episodes,
+        epsilon,
+        seed,
+        torch.device(device),
+        saved["sticky_actions"],
+        video_folder,
+        max_frames,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what a run needs to continue where it stopped (the games in progress start anew)
+# ---------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "checkpoint_buffer", "stop_at", "cuda", "track")
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (`--total-timesteps 5`, `--no-cuda` -> total_timesteps, cuda)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n for n in names}
+
+
+def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
+    """The checkpointed run's flags, with those of RESUME_OVERRIDES given on the command line; any other
+    flag that differs from the run's is refused, since changing it mid-run would make a different run."""
+    fields = Args.__dataclass_fields__
+    for name in sorted(given & fields.keys() - {"resume", *RESUME_OVERRIDES}):
+        if name in saved and getattr(args, name) != saved[name]:
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} cannot change on --resume (the run used {saved[name]!r}); "
+                "start a new run instead"
+            )
+    merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
+    # --resume and --stop-at come from this command line only: a chunk's stop is not the next chunk's
+    merged.update(
+        {k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k in ("resume", "stop_at") or k in given}
+    )
+    return Args(**merged)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous checkpoint whole."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.eval_model:
+        if not os.path.isfile(args.eval_model):
+            raise SystemExit(f"error: --eval-model {args.eval_model}: no such file")
+        if args.capture_video:
+            check_video_prerequisites()
+        video = "videos/eval" if args.capture_video else None
+        returns = evaluate(args.eval_model, None, args.eval_episodes, args.seed, "cpu", video_folder=video)
+        print(
+            f"{args.eval_model}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+        )
+        raise SystemExit(0)
+    checkpoint = None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
+        args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
     game = atari_game(args.env_id)
-    env = make_env(game, 1, args.seed, args.sticky_actions, args.episodic_life, args.max_episode_frames)
+    start_step = checkpoint["global_step"] if checkpoint else 0
+    # a resumed run starts new games, seeded by the step it resumes at
+    env = make_env(game, 1, args.seed + start_step, args.sticky_actions, args.episodic_life, args.max_episode_frames)
     n_actions = env.single_action_space.n
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     if args.track:
         try:
@@ -436,11 +599,13 @@ if __name__ == "__main__":
         )
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # on resume, purge_step hides what the stopped run logged after its checkpoint
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -454,7 +619,9 @@ if __name__ == "__main__":
     target_network.load_state_dict(q_network.state_dict())
     # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
-    rb = FrameReplayBuffer(min(args.buffer_size, args.total_timesteps + 4))
+    saved_rb = checkpoint["rb"] if checkpoint else None  # a resumed buffer keeps its size
+    rb = FrameReplayBuffer(len(saved_rb["actions"]) if saved_rb else min(args.buffer_size, args.total_timesteps + 4))
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     print(
         f"{args.exp_name}: {game}, {n_actions} actions, target {args.target}"
         f"{f' (tau={args.tau})' if args.target != 'hard' else ''}, {args.n_step}-step; replay buffer "
@@ -464,12 +631,76 @@ if __name__ == "__main__":
         f"--tau {args.tau} is the soft-Q temperature; the target network is copied every "
         f"--target-network-frequency {args.target_network_frequency} steps (CleanRL's --tau 1.0 hard copy)"
     )
+    print(
+        f"checkpoints go to {checkpoint_path} ({f'every {args.checkpoint_frequency} steps' if args.checkpoint_frequency else 'on SIGTERM/SIGINT only'}), "
+        + (
+            f"with the replay buffer: {rb.nbytes / 2**30:.2f} GiB each"
+            if args.checkpoint_buffer
+            else "without the replay buffer (--checkpoint-buffer adds it)"
+        )
+    )
+
+    def write_checkpoint(step: int) -> None:
+        """What the loop's step number `step` depends on, but the games in progress."""
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "args": vars(args),
+                "run_name": run_name,
+                "global_step": step,
+                "q_network": q_network.state_dict(),  # --eval-model reads this, as in a saved model
+                "target_network": target_network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rb": rb.state_dict() if args.checkpoint_buffer else None,
+                "rng": rng_state() | {"act": rng.bit_generator.state},
+            },
+        )
+
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        """SIGTERM (Slurm, a job's time limit) or Ctrl-C: checkpoint before the next step, then exit."""
+        if stop_signals:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    learning_starts = args.learning_starts
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        rng.bit_generator.state = checkpoint["rng"]["act"]
+        if checkpoint["rb"] is not None:
+            rb.load_state_dict(checkpoint["rb"])
+            rb.cut_episode()
+        else:  # refill before training again; the agent acts with its Q meanwhile
+            learning_starts = start_step + args.learning_starts
+        print(
+            f"resumed {args.resume} at step {start_step} of {args.total_timesteps}, new games; "
+            + (
+                "replay buffer restored"
+                if checkpoint["rb"] is not None
+                else f"refilling the buffer until step {learning_starts}"
+            )
+        )
+        del checkpoint  # its copy of the buffer can be large
 
     start_time = time.time()
-    obs, _ = env.reset(seed=args.seed)
+    obs, _ = env.reset(seed=args.seed + start_step)
     rb.start_episode(obs[0])
     game_return, game_length = 0.0, 0
-    for global_step in range(args.total_timesteps):
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_signals or (global_step == args.stop_at and global_step > start_step):
+            write_checkpoint(global_step)
+            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
+            print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
+            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+        if args.checkpoint_frequency and global_step > start_step and global_step % args.checkpoint_frequency == 0:
+            write_checkpoint(global_step)
         epsilon = linear_schedule(
             args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps), global_step
         )
@@ -493,7 +724,7 @@ if __name__ == "__main__":
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
             rb.start_episode(obs[0])
 
-        if global_step >= args.learning_starts and global_step % args.train_frequency == 0:
+        if global_step >= learning_starts and global_step % args.train_frequency == 0:
             batch = rb.sample(args.batch_size, args.n_step, rng)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             stats = train_step(q_network, target_network, optimizer, batch, args.gamma, args.tau, args.target)
@@ -507,12 +738,13 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/td_loss", loss, global_step)
                 writer.add_scalar("losses/q_values", stats["q_values"].item(), global_step)
                 writer.add_scalar("losses/target_values", stats["target_values"].item(), global_step)
-                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
             if global_step % args.target_network_frequency == 0:
                 target_network.load_state_dict(q_network.state_dict())
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
-            video = f"videos/{run_name}" if args.capture_video else None
+            video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
             returns = evaluate_policy(
                 q_network,
                 game,
@@ -523,28 +755,24 @@ if __name__ == "__main__":
                 args.sticky_actions,
                 video,
                 args.max_episode_frames,
+                f"eval-step-{global_step + 1}",
             )
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            sps = int((global_step + 1) / (time.time() - start_time))
+            sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             print(
                 f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
                 f"+- {returns.std():.1f}, epsilon {epsilon:.3f}, SPS {sps}",
                 flush=True,
             )
 
+    if args.checkpoint_frequency:  # the end too, so that a finished run can be extended with --resume
+        write_checkpoint(args.total_timesteps)
+        print(f"checkpoint written to {checkpoint_path}")
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         torch.save({"args": vars(args), "q_network": q_network.state_dict()}, model_path)
         print(f"model saved to {model_path}")
-        returns = evaluate(
-            model_path,
-            args.env_id,
-            args.eval_episodes,
-            args.seed + 20_000,
-            str(device),
-            args.eval_epsilon,
-            args.max_episode_frames,
-        )
+        returns = evaluate(model_path, None, args.eval_episodes, args.seed + 20_000, str(device))
         for idx, episodic_return in enumerate(returns):
             writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
         print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")

@@ -446,7 +446,10 @@ def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
                 "start a new run instead"
             )
     merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
-    merged.update({k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k == "resume" or k in given})
+    # --resume and --stop-at come from this command line only: a chunk's stop is not the next chunk's
+    merged.update(
+        {k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k in ("resume", "stop_at") or k in given}
+    )
     return Args(**merged)
 
 

@@ -121,3 +121,85 @@ def test_capture_video_prerequisites_are_checked_before_training(script, tmp_pat
     proc = run_script(script, ["--env-id", "Pendulum-v1", "--capture-video"], tmp_path, timeout=120)
     assert_one_line_error(proc, "--capture-video", missing)
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Atari. ale-py's vector env cannot save its emulators, so a resumed run starts new games: the
+# learner's state (networks, optimizer, random generators, counters, the replay buffer on request)
+# is restored exactly, and the schedules continue; the weights after further training differ from
+# a run done in one go because the games do.
+# ---------------------------------------------------------------------------------------------
+ATARI = {
+    "soft_dqn_atari.py": "--buffer-size 1000 --learning-starts 200 --batch-size 32 --target-network-frequency 100 "
+    "--checkpoint-buffer",
+    "soft_a2c_atari.py": "--num-envs 4",
+}
+ATARI_COMMON = "--eval-frequency 300 --eval-episodes 1 --max-episode-frames 2000 --seed 3 --no-cuda"
+
+
+def atari_flags(script, total):
+    return [*ATARI[script].split(), *ATARI_COMMON.split(), "--total-timesteps", total]
+
+
+def assert_same_state(a: dict, b: dict, skip=()):
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) >= 10
+    different = [k for k in ta if k not in skip and not torch.equal(ta[k], tb[k])]
+    assert not different, f"state differs: {different}"
+
+
+@pytest.mark.parametrize("script", ATARI)
+def test_atari_checkpoint_restores_the_learner_exactly(script, tmp_path):
+    """Stop at 300 steps, resume with nothing left to do: the checkpoint written at the end must be
+    the one read, tensor for tensor (a piece of state that is not restored would show here)."""
+    proc = run_script(script, [*atari_flags(script, 600), "--stop-at", 300], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped by --stop-at at step 300" in proc.stdout
+    first = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    proc = run_script(
+        script,
+        ["--resume", checkpoint_path(tmp_path), "--total-timesteps", 300, "--checkpoint-frequency", 300],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = torch.load(checkpoint_path(tmp_path), weights_only=False)
+    # a resumed DQN run marks the stored episode as cut (its game does not go on), one flag at the
+    # end, and stores the first 4 frames of its new game after the stored frames
+    skip = {"rb.ends", "rb.frames"} if "rb" in first else set()
+    assert_same_state(first, second, skip)
+    if skip:
+        rb1, rb2 = first["rb"], second["rb"]
+        changed = (rb1["ends"] != rb2["ends"]).nonzero().flatten().tolist()
+        assert changed == [(rb1["count"] - 1) % len(rb1["ends"])]
+        new = [(rb1["frame_count"] + i) % len(rb1["frames"]) for i in range(4)]
+        assert rb2["frame_count"] == rb1["frame_count"] + 4
+        kept = [i for i in range(len(rb1["frames"])) if i not in new]
+        assert torch.equal(rb1["frames"][kept], rb2["frames"][kept])
+    assert first["rng"]["python"] == second["rng"]["python"]
+    assert first["global_step"] == second["global_step"] == 300
+
+
+@pytest.mark.parametrize("script", ATARI)
+def test_atari_resume_continues_counters_schedules_and_logs(script, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    straight.mkdir(), halves.mkdir()
+    proc = run_script(script, [*atari_flags(script, 600), "--checkpoint-frequency", 600], straight)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(script, [*atari_flags(script, 600), "--stop-at", 300], halves)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(script, ["--resume", checkpoint_path(halves), "--checkpoint-frequency", 600], halves)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "new games" in proc.stdout
+    a = torch.load(checkpoint_path(straight), weights_only=False)
+    b = torch.load(checkpoint_path(halves), weights_only=False)
+    assert a["global_step"] == b["global_step"] == 600
+    # the optimizer took as many steps, at the same learning rate
+    steps = lambda c: [float(s["step"]) for s in c["optimizer"]["state"].values()]  # noqa: E731
+    assert steps(a) == steps(b) and steps(a)[0] > 0
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # one TensorBoard run: the evaluation before the stop is kept, the ones after it are added
+    evals = lambda folder: [s for s, _ in read_scalars(folder)["eval/episodic_return"]]  # noqa: E731
+    assert evals(halves) == evals(straight) and len(evals(straight)) == 2
+    if script == "soft_a2c_atari.py":
+        # A2C draws the same number of random actions whatever the games: its torch generator agrees
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])

@@ -211,6 +211,11 @@ def test_end_to_end_breakout_with_4_envs(flags, workdir):
         (["--tau", "0"], ["--tau", "> 0"]),
         (["--tau", "-0.01"], ["--tau"]),
         (["--num-envs", "0"], ["--num-envs", "at least 1"]),
+        (["--eval-frequency", "0"], ["--eval-frequency", ">= 1"]),
+        (["--total-timesteps", "50"], ["--total-timesteps", "no update would run"]),
+        (["--checkpoint-frequency", "-1"], ["--checkpoint-frequency", ">= 0"]),
+        (["--resume", "nowhere.pt"], ["--resume nowhere.pt", "no such file"]),
+        (["--eval-model", "nowhere.pt"], ["--eval-model nowhere.pt", "no such file"]),
     ],
 )
 def test_bad_input_stops_before_training(flags, names, workdir):

@@ -284,6 +284,11 @@ def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
         (["--tau", "0"], ["--tau", "> 0"]),
         (["--target", "kl", "--tau", "-1"], ["--tau"]),
         (["--n-step", "0"], ["--n-step", "at least 1"]),
+        (["--eval-frequency", "0"], ["--eval-frequency", ">= 1"]),
+        (["--total-timesteps", "1000", "--learning-starts", "1000"], ["--learning-starts", "no gradient step"]),
+        (["--checkpoint-frequency", "-1"], ["--checkpoint-frequency", ">= 0"]),
+        (["--resume", "nowhere.pt"], ["--resume nowhere.pt", "no such file"]),
+        (["--eval-model", "nowhere.pt"], ["--eval-model nowhere.pt", "no such file"]),
     ],
 )
 def test_bad_input_stops_before_training(flags, names, workdir):
