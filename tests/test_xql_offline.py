@@ -245,3 +245,79 @@ def test_beats_the_dataset_and_behaviour_cloning(pendulum_data, workdir):
     # measured (seed 1, 2-core CPU): X-QL -304, BC -708, dataset mean -675
     assert xql > data_mean + 200, f"X-QL {xql:.0f} vs dataset mean {data_mean:.0f}"
     assert xql > bc + 200, f"X-QL {xql:.0f} vs BC {bc:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# D4RL file names, one reward scale for files and Minari, checkpoints
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, folder, file",
+    [
+        ("hopper-medium-v0", "gym_mujoco", "hopper_medium.hdf5"),
+        ("hopper-medium-replay-v0", "gym_mujoco", "hopper_mixed.hdf5"),
+        ("walker2d-medium-replay-v0", "gym_mujoco", "walker_mixed.hdf5"),
+        ("halfcheetah-medium-expert-v0", "gym_mujoco", "halfcheetah_medium_expert.hdf5"),
+        ("hopper-medium-v1", "gym_mujoco_v1", "hopper_medium-v1.hdf5"),
+        ("walker2d-medium-replay-v1", "gym_mujoco_v1", "walker2d_medium_replay-v1.hdf5"),
+        ("hopper-medium-replay-v2", "gym_mujoco_v2", "hopper_medium_replay-v2.hdf5"),
+    ],
+)
+def test_d4rl_names_map_to_d4rl_files(name, folder, file):
+    assert xo.d4rl_file(name) == (folder, file)
+
+
+def test_d4rl_v0_file_laid_out_like_the_real_one_loads(tmp_path, workdir, monkeypatch):
+    """hopper-medium-replay-v0 is D4RL's hopper_mixed.hdf5 (no version in the name): it is found in
+    the cache folder, evaluated on Hopper, and scored with D4RL's hopper reference scores."""
+    rng = np.random.default_rng(1)
+    n = 300
+    raw = {
+        "observations": rng.normal(size=(n, 11)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": np.arange(n) % 60 == 59,
+        "timeouts": np.zeros(n, bool),
+    }
+    write_raw(tmp_path / "hopper_mixed.hdf5", raw)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    info = xo.load_dataset("hopper-medium-replay-v0")
+    assert info["env_id"] == "Hopper-v5" and info["ref_scores"] == xo.D4RL_REF_SCORES["hopper"]
+    np.testing.assert_array_equal(info["raw"]["observations"], raw["observations"])
+    with pytest.raises(SystemExit, match="full-replay-v2"):
+        xo.d4rl_file("hopper-full-replay-v0")
+
+
+def test_minari_and_the_same_file_get_the_same_reward_scale_and_a_reloaded_eval(tmp_path, workdir, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    episodes = mk.rollout("Pendulum-v1", "random", episodes=4, seed=6, max_episode_steps=50)
+    mk.write_minari("test/pendulum-scale-v0", episodes, "Pendulum-v1", -1000.0, -100.0)
+    mk.write_hdf5(str(tmp_path / "same.hdf5"), mk.episodes_to_d4rl(episodes), "Pendulum-v1")
+    flags = "--total-timesteps 40 --batch-size 16 --eval-frequency 40 --eval-episodes 1 --save-model".split()
+    scales = []
+    for dataset in ["test/pendulum-scale-v0", str(tmp_path / "same.hdf5")]:
+        proc = run_script("xql_offline.py", ["--dataset", dataset, *flags], workdir, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scales.append(float(proc.stdout.split("reward scale ")[1].split(";")[0]))
+        # the Minari dataset's own eval env is used for the reloaded model too, not skipped
+        assert "reloaded model: eval return" in proc.stdout
+    expected = 1000.0 / np.ptp([e["rewards"].sum() for e in episodes])
+    assert scales[0] == scales[1] == pytest.approx(expected, rel=1e-3)
+
+
+def test_half_resume_half_equals_one_go(pendulum_data, tmp_path):
+    path, _ = pendulum_data
+    flags = f"--dataset {path} --batch-size 32 --eval-frequency 100 --eval-episodes 1 --seed 2 --save-model --no-cuda"
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    straight.mkdir(), halves.mkdir()
+    proc = run_script("xql_offline.py", [*flags.split(), "--total-timesteps", 200], straight, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("xql_offline.py", [*flags.split(), "--total-timesteps", 200, "--stop-at", 100], halves)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (ckpt,) = list(halves.glob("runs/*/checkpoint.pt"))
+    proc = run_script("xql_offline.py", ["--resume", str(ckpt)], halves, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    models = [torch.load(next(d.glob("runs/*/*.cleanrl_model")), weights_only=False) for d in (straight, halves)]
+    for key in ["policy", "vf"]:
+        for name, tensor in models[0][key].items():
+            assert torch.equal(tensor, models[1][key][name]), f"{key}.{name} differs after resume"
+    assert [s for s, _ in read_scalars(halves)["eval/episodic_return"]] == [99, 199]
