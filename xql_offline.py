@@ -14,6 +14,9 @@ value, no out-of-distribution action is ever queried). One gradient step does, i
   Q      Q_i(s, a) <- r + gamma * (1 - done) * V(s')             squared error, the V just updated
   Polyak lambda = 0.005 on the critics (V has no target network)
 
+`--value-loss expectile` swaps the Gumbel loss for IQL's expectile regression (tau = 0.7), the rest
+unchanged, so that X-QL and IQL compare from one file.
+
 eta = 3 is the authors' inverse temperature on locomotion, separate from beta (Eq. 12 itself
 implies eta = 1/beta); eta = 0 gives every action weight 1, i.e. behaviour cloning. The policy
 is a Gaussian with a tanh-squashed mean and a state-independent log-std clipped to [-5, 2];
@@ -55,6 +58,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -101,6 +105,10 @@ class Args:
     """the learning rate of all networks (the policy's decays on a cosine to 0)"""
     hidden_size: int = 256
     """width of the two hidden layers of every network"""
+    value_loss: Literal["gumbel", "expectile"] = "gumbel"
+    """`gumbel`: X-QL (Gumbel regression of V on Q); `expectile`: IQL (expectile regression, --expectile)"""
+    expectile: float = 0.7
+    """IQL's expectile of --value-loss expectile (IQL: 0.7 on locomotion)"""
     beta: float = 2.0
     """the Gumbel regression temperature beta (paper: 2 on all locomotion, 'X-QL C'; tuned per dataset in docs/xql_offline.md)"""
     eta: float = 3.0
@@ -156,6 +164,8 @@ def check_args(args: Args) -> None:
     """Stop with a one-line error naming the fix, before anything is loaded."""
     if not args.beta > 0:
         raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 2 on locomotion")
+    if not 0 < args.expectile < 1:
+        raise SystemExit(f"error: --expectile must be in (0, 1) (got {args.expectile}); IQL uses 0.7")
     if not args.exp_clip > 0:
         raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 7")
     if not args.eta >= 0:
@@ -471,6 +481,21 @@ def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: flo
     return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
 
 
+def expectile_loss(pred: torch.Tensor, target: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's expectile regression (Kostrikov et al. 2021, Eq. 5): mean(|e - 1(u < 0)| u^2) with u = target - pred.
+    Its minimiser over a constant pred is the e-expectile of the targets: the mean at e = 0.5, towards
+    the max as e -> 1. The baseline of --value-loss expectile, so X-QL and IQL compare from one file."""
+    u = target - pred
+    return (torch.abs(expectile - (u < 0).float()) * u.pow(2)).mean()
+
+
+def value_loss_fn(v, q, args) -> torch.Tensor:
+    """V's loss: X-QL's Gumbel regression (Eq. 11) or IQL's expectile regression."""
+    if args.value_loss == "expectile":
+        return expectile_loss(v, q, args.expectile)
+    return gumbel_loss(v, q, args.beta, args.exp_clip)
+
+
 def awr_weights(q: torch.Tensor, v: torch.Tensor, eta: float, max_weight: float) -> torch.Tensor:
     """Eq. (12)'s advantage weights min(exp(eta * (Q(s,a) - V(s))), max_weight), detached."""
     return torch.exp(eta * (q - v)).clamp(max=max_weight).detach()
@@ -687,7 +712,9 @@ if __name__ == "__main__":
     print(
         f"{args.exp_name}: {args.dataset}: {n_data} transitions ({len(returns_in_data)} trajectories, return "
         f"{returns_in_data.mean():.1f} mean, {returns_in_data.min():.1f}..{returns_in_data.max():.1f}), reward scale "
-        f"{reward_scale:.4g}; eval env {env_name}; beta={args.beta}, eta={args.eta}; device={device}; "
+        f"{reward_scale:.4g}; eval env {env_name}; value loss {args.value_loss} "
+        f"({f'beta={args.beta}' if args.value_loss == 'gumbel' else f'expectile={args.expectile}'}), eta={args.eta}; "
+        f"device={device}; "
         f"logging to runs/{run_name}"
     )
     print(
@@ -757,7 +784,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             q_bar = torch.min(critics_target[0](b_obs, b_actions), critics_target[1](b_obs, b_actions))
         v = vf(b_obs)
-        v_loss = gumbel_loss(v, q_bar, args.beta, args.exp_clip)
+        v_loss = value_loss_fn(v, q_bar, args)
         v_optimizer.zero_grad(set_to_none=True)
         v_loss.backward()
         v_optimizer.step()
@@ -794,7 +821,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/policy_loss", policy_loss.item(), global_step)
             writer.add_scalar("losses/v_values", v.mean().item(), global_step)
             writer.add_scalar("losses/qf1_values", q_values[0].mean().item(), global_step)
-            writer.add_scalar("losses/max_z", ((q_bar - v) / args.beta).max().item(), global_step)
+            if args.value_loss == "gumbel":
+                writer.add_scalar("losses/max_z", ((q_bar - v) / args.beta).max().item(), global_step)
             writer.add_scalar("losses/awr_weights_mean", weights.mean().item(), global_step)
             writer.add_scalar(
                 "losses/awr_weights_capped_frac", (weights >= args.max_weight).float().mean().item(), global_step

@@ -321,3 +321,35 @@ def test_half_resume_half_equals_one_go(pendulum_data, tmp_path):
         for name, tensor in models[0][key].items():
             assert torch.equal(tensor, models[1][key][name]), f"{key}.{name} differs after resume"
     assert [s for s, _ in read_scalars(halves)["eval/episodic_return"]] == [99, 199]
+
+
+def test_expectile_loss_is_minimised_at_the_expectile():
+    """IQL's loss over a constant prediction: the mean at 0.5; for targets {0, 1} at e, the point where
+    e (1 - p) = (1 - e) p, i.e. p = e; for any targets, the root of E[|e - 1(y < p)| (y - p)] = 0."""
+    y = torch.tensor([0.0, 1.0])
+    for e in [0.5, 0.7, 0.9]:
+        grads = []
+        for at in [e - 0.01, e, e + 0.01]:  # the loss's slope: negative, zero, positive around p = e
+            p = torch.tensor(at, requires_grad=True)
+            xo.expectile_loss(p.expand(2), y, e).backward()
+            grads.append(p.grad.item())
+        assert grads[0] < 0 and abs(grads[1]) < 1e-6 and grads[2] > 0, (e, grads)
+    ys = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    p = torch.tensor(0.3)
+    grad_at = lambda p: (torch.abs(0.7 - (ys < p).float()) * (ys - p)).mean()  # noqa: E731
+    lo, hi = ys.min(), ys.max()
+    for _ in range(60):  # bisection on the first-order condition
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if grad_at(mid) > 0 else (lo, mid)
+    p = lo.clone().requires_grad_(True)
+    xo.expectile_loss(p.expand(1000), ys, 0.7).backward()
+    assert abs(p.grad.item()) < 1e-4 and lo > ys.mean() + 0.3  # above the mean, as a 0.7-expectile is
+
+
+def test_iql_value_loss_runs_end_to_end(pendulum_data, workdir):
+    path, _ = pendulum_data
+    flags = f"--dataset {path} --value-loss expectile --total-timesteps 200 --batch-size 32 --eval-frequency 200"
+    proc = run_script("xql_offline.py", [*flags.split(), "--eval-episodes", "1"], workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "value loss expectile (expectile=0.7)" in proc.stdout
+    assert read_scalars(workdir)["losses/value_loss"]
