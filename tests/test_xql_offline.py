@@ -353,3 +353,35 @@ def test_iql_value_loss_runs_end_to_end(pendulum_data, workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "value loss expectile (expectile=0.7)" in proc.stdout
     assert read_scalars(workdir)["losses/value_loss"]
+
+
+def test_dataset_tool_reads_a_runs_replay_buffer_and_its_policy(tmp_path):
+    """A "medium-replay"-like dataset is the replay buffer of an online run, cut into its episodes; a
+    "medium" one comes from rollouts of that run's policy. Pendulum truncates at 200 steps: 450 steps
+    are two whole episodes and a cut one, none terminated, each transition's s' the next one's s."""
+    flags = "--env-id Pendulum-v1 --total-timesteps 450 --learning-starts 100 --eval-frequency 450 --eval-episodes 1"
+    proc = run_script("xql_sac.py", [*flags.split(), "--checkpoint-frequency", "450", "--no-cuda"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (ckpt,) = list(tmp_path.glob("runs/*/checkpoint.pt"))
+    episodes, env_id = mk.replay_episodes(str(ckpt))
+    assert env_id == "Pendulum-v1" and [len(e["actions"]) for e in episodes] == [200, 200, 50]
+    assert all(e["truncations"][-1] and not e["terminations"].any() for e in episodes)
+    assert all(e["truncations"][:-1].sum() == 0 for e in episodes)
+    rb = torch.load(ckpt, weights_only=False)["rb"]
+    data = mk.episodes_to_d4rl(episodes)
+    np.testing.assert_array_equal(data["observations"], rb["obs"].numpy())
+    np.testing.assert_array_equal(data["next_observations"], rb["next_obs"].numpy())
+    np.testing.assert_array_equal(data["rewards"], rb["rewards"].numpy())
+    # the run's policy, as --policy checkpoint:PATH: the actor's mean action
+    import gymnasium as gym
+
+    import xql_sac
+
+    env = gym.make("Pendulum-v1")
+    act = mk.resolve_policy(f"checkpoint:{ckpt}", env)
+    actor = xql_sac.Actor(3, env.action_space.low, env.action_space.high, 256)
+    actor.load_state_dict(torch.load(ckpt, weights_only=False)["actor"])
+    obs = np.array([0.6, 0.8, -1.0], dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(act(obs), actor.get_action(torch.as_tensor(obs)[None])[2][0].numpy())
+    assert len(mk.rollout("Pendulum-v1", f"checkpoint:{ckpt}", episodes=1, max_episode_steps=20)[0]["actions"]) == 20

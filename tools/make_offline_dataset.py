@@ -10,6 +10,11 @@ and/or a local Minari dataset, ready for `xql_offline.py --dataset ...`.
     # your own policy: any importable function obs -> action
     python tools/make_offline_dataset.py --env-id Hopper-v5 --policy mypackage.policies:act --steps 100000 \\
         --out hopper-mine.hdf5
+    # a policy trained by xql_sac.py or xql_td3.py: the actor's mean action, from a checkpoint or saved model
+    python tools/make_offline_dataset.py --env-id Hopper-v5 --policy checkpoint:runs/RUN/checkpoint.pt --steps 100000 \
+        --noise 0.1 --out hopper-medium.hdf5
+    # the replay buffer of such a run, as D4RL's medium-replay is: every transition the agent saw while learning
+    python tools/make_offline_dataset.py --from-replay runs/RUN/checkpoint.pt --out hopper-replay.hdf5
     # several files into one (e.g. expert + random = a "medium-expert"-like mix)
     python tools/make_offline_dataset.py --merge pendulum-expert.hdf5 pendulum-random.hdf5 --out pendulum-mix.hdf5
 
@@ -23,6 +28,8 @@ scores. Writing Minari needs `pip install "minari[hdf5]"` (not jax: no DataColle
 
 import argparse
 import importlib
+import os
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -45,14 +52,82 @@ def pendulum_expert(obs: np.ndarray) -> np.ndarray:
     return np.clip(np.array([u], dtype=np.float32), -2.0, 2.0)
 
 
+def load_run(path: str) -> tuple:
+    """A checkpoint or --save-model file of xql_sac.py or xql_td3.py: (its contents, the script's module)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: trusted
+    saved = checkpoint.get("args", {})
+    script = "xql_sac" if "value_loss" in saved else "xql_td3" if "critic_loss" in saved else None
+    if script is None or "actor" not in checkpoint:
+        raise SystemExit(f"error: {path} is not a checkpoint or saved model of xql_sac.py or xql_td3.py")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    return checkpoint, importlib.import_module(script)
+
+
+def checkpoint_policy(path: str, env: gym.Env):
+    """The actor of a run of xql_sac.py (its mean action) or xql_td3.py, as a function obs -> action."""
+    import torch
+
+    checkpoint, module = load_run(path)
+    obs_dim = env.observation_space.shape[0]
+    actor = module.Actor(obs_dim, env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"])
+    actor.load_state_dict(checkpoint["actor"])
+
+    @torch.no_grad()
+    def act(obs):
+        x = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+        return (actor.get_action(x)[2] if hasattr(actor, "get_action") else actor(x))[0].numpy()
+
+    return act
+
+
+def replay_episodes(path: str) -> tuple[list, str]:
+    """The replay buffer of a checkpoint of xql_sac.py or xql_td3.py, in the order it was filled, cut into
+    episodes: one ends where it terminated, or where the next stored transition does not start from
+    its next observation (a time limit; the true last observation is kept). Returns (episodes, env id)."""
+    checkpoint, _ = load_run(path)
+    rb = checkpoint.get("rb")
+    if rb is None:
+        raise SystemExit(f"error: {path} holds no replay buffer (a --save-model file): use its checkpoint.pt")
+    size, pos, capacity = rb["size"], rb["pos"], rb["capacity"]
+    order = np.r_[pos:size, 0:pos] if size == capacity else np.arange(size)  # oldest first
+    obs, next_obs = rb["obs"].numpy()[order], rb["next_obs"].numpy()[order]
+    actions, rewards, dones = rb["actions"].numpy()[order], rb["rewards"].numpy()[order], rb["dones"].numpy()[order]
+    ends = dones.astype(bool).copy()
+    ends[:-1] |= np.any(next_obs[:-1] != obs[1:], axis=1)
+    ends[-1] = True
+    episodes, start = [], 0
+    for end in np.flatnonzero(ends):
+        sl = slice(start, end + 1)
+        episodes.append(
+            {
+                "observations": np.concatenate([obs[sl], next_obs[end : end + 1]]),
+                "actions": actions[sl],
+                "rewards": rewards[sl],
+                "terminations": dones[sl].astype(bool),
+                "truncations": ends[sl] & ~dones[sl].astype(bool),
+            }
+        )
+        start = end + 1
+    return episodes, checkpoint["args"]["env_id"]
+
+
 def resolve_policy(spec: str, env: gym.Env):
-    """'random', 'pendulum-expert', or 'module:function' (a function obs -> action)."""
+    """'random', 'pendulum-expert', 'checkpoint:PATH' (a run of xql_sac.py or xql_td3.py), or
+    'module:function' (a function obs -> action)."""
     if spec == "random":
         return lambda obs: env.action_space.sample()
     if spec == "pendulum-expert":
         return pendulum_expert
+    if spec.startswith("checkpoint:"):
+        return checkpoint_policy(spec.split(":", 1)[1], env)
     if ":" not in spec:
-        raise SystemExit(f"error: --policy {spec!r}: use 'random', 'pendulum-expert' or 'module:function'")
+        raise SystemExit(
+            f"error: --policy {spec!r}: use 'random', 'pendulum-expert', 'checkpoint:PATH' or 'module:function'"
+        )
     module, name = spec.split(":", 1)
     return getattr(importlib.import_module(module), name)
 
@@ -198,13 +273,16 @@ def d4rl_to_episodes(data: dict) -> list:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env-id", help="gymnasium env to roll out in")
-    p.add_argument("--policy", default="random", help="'random', 'pendulum-expert', or 'module:function'")
+    p.add_argument(
+        "--policy", default="random", help="'random', 'pendulum-expert', 'checkpoint:PATH' or 'module:function'"
+    )
     p.add_argument("--episodes", type=int, help="number of episodes to collect")
     p.add_argument("--steps", type=int, help="number of steps to collect (instead of --episodes)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian action noise std (units of half-range)")
     p.add_argument("--epsilon", type=float, default=0.0, help="probability of a uniform random action")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", help="HDF5 files to concatenate into --out instead of collecting")
+    p.add_argument("--from-replay", help="a checkpoint of xql_sac.py or xql_td3.py: write its replay buffer")
     p.add_argument("--out", help="the D4RL-format HDF5 file to write")
     p.add_argument("--minari-id", help="also write a local Minari dataset with this id, e.g. pendulum/mine-v0")
     p.add_argument("--ref-min-score", type=float, help="return that scores 0 (D4RL: a random policy's)")
@@ -212,7 +290,10 @@ if __name__ == "__main__":
     a = p.parse_args()
     if not a.out and not a.minari_id:
         raise SystemExit("error: give --out FILE.hdf5 and/or --minari-id NAMESPACE/NAME-v0")
-    if a.merge:
+    if a.from_replay:
+        episodes, env_id = replay_episodes(a.from_replay)
+        data = episodes_to_d4rl(episodes)
+    elif a.merge:
         parts = [read_hdf5(path) for path in a.merge]
         data = {k: np.concatenate([d[k] for d, _ in parts]) for k in KEYS}
         env_id = a.env_id or parts[0][1]["env_id"]
