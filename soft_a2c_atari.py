@@ -575,7 +575,6 @@ if __name__ == "__main__":
                 "iteration": iteration,
                 "global_step": global_step,
                 "next_eval": next_eval,
-                "next_checkpoint": next_checkpoint,
                 "agent": agent.state_dict(),  # --eval-model reads this, as in a saved model
                 "optimizer": optimizer.state_dict(),
                 "rng": rng_state(),
@@ -594,18 +593,18 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
 
     global_step, next_eval, start_iteration = 0, args.eval_frequency, 1
-    next_checkpoint = args.checkpoint_frequency
     if checkpoint:
         agent.load_state_dict(checkpoint["agent"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         global_step, next_eval = checkpoint["global_step"], checkpoint["next_eval"]
         start_iteration = checkpoint["iteration"] + 1
-        next_checkpoint = checkpoint["next_checkpoint"] if checkpoint["next_checkpoint"] else args.checkpoint_frequency
-        while args.checkpoint_frequency and next_checkpoint <= global_step:
-            next_checkpoint += args.checkpoint_frequency
         print(f"resumed {args.resume} at step {global_step} of {args.total_timesteps}, new games")
 
+    # checkpoints at the first update boundary at or after each multiple of --checkpoint-frequency
+    next_checkpoint = (
+        (global_step // args.checkpoint_frequency + 1) * args.checkpoint_frequency if args.checkpoint_frequency else 0
+    )
     start_time = time.time()
     obs, _ = envs.reset(seed=args.seed + start_step)
     obs = torch.as_tensor(obs, device=device)
@@ -617,7 +616,7 @@ if __name__ == "__main__":
             print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if args.checkpoint_frequency and global_step >= next_checkpoint:
-            next_checkpoint += args.checkpoint_frequency
+            next_checkpoint = (global_step // args.checkpoint_frequency + 1) * args.checkpoint_frequency
             write_checkpoint(iteration - 1)
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_updates)
