@@ -401,3 +401,28 @@ def test_dataset_tool_reads_a_runs_replay_buffer_and_its_policy(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(act(obs), actor.get_action(torch.as_tensor(obs)[None])[2][0].numpy())
     assert len(mk.rollout("Pendulum-v1", f"checkpoint:{ckpt}", episodes=1, max_episode_steps=20)[0]["actions"]) == 20
+
+
+def test_replay_of_a_wrapped_buffer_starts_from_its_oldest_transition(tmp_path):
+    """A full circular buffer (pos = 2 of 5) holds, oldest first, slots 2, 3, 4, 0, 1. Observations are
+    numbered so that the order and the cuts show: 10 -> 11 -> 12 (terminated), then 20 -> 21 (last)."""
+    obs = torch.tensor([[20.0], [21.0], [10.0], [11.0], [12.0]])
+    next_obs = torch.tensor([[21.0], [22.0], [11.0], [12.0], [13.0]])
+    rb = {
+        "capacity": 5,
+        "size": 5,
+        "pos": 2,
+        "obs": obs,
+        "next_obs": next_obs,
+        "actions": torch.zeros(5, 1),
+        "rewards": torch.arange(5.0),
+        "dones": torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]),
+    }
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"args": {"value_loss": "sac", "env_id": "Pendulum-v1"}, "actor": {}, "rb": rb}, path)
+    episodes, env_id = mk.replay_episodes(str(path))
+    assert env_id == "Pendulum-v1"
+    assert [e["observations"][:, 0].tolist() for e in episodes] == [[10, 11, 12, 13], [20, 21, 22]]
+    assert [e["terminations"].tolist() for e in episodes] == [[False, False, True], [False, False]]
+    assert episodes[1]["truncations"].tolist() == [False, True]
+    assert episodes[0]["rewards"].tolist() == [2, 3, 4]
