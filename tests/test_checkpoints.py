@@ -203,3 +203,18 @@ def test_atari_resume_continues_counters_schedules_and_logs(script, tmp_path):
     if script == "soft_a2c_atari.py":
         # A2C draws the same number of random actions whatever the games: its torch generator agrees
         assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+@pytest.mark.parametrize("script", ATARI)
+def test_atari_capture_video_needs_moviepy_before_training(script, tmp_path):
+    try:
+        import moviepy  # noqa: F401
+
+        pytest.skip("moviepy is installed: nothing is missing")
+    except ImportError:
+        pass
+    proc = run_script(script, ["--capture-video"], tmp_path, timeout=120)
+    assert_one_line_error(proc, "--capture-video", "moviepy")
+    assert not (tmp_path / "runs").exists()
+    proc = run_script(script, ["--eval-model", "nowhere.pt", "--capture-video"], tmp_path, timeout=120)
+    assert_one_line_error(proc, "--eval-model nowhere.pt", "no such file")
