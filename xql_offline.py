@@ -119,6 +119,8 @@ class Args:
     """cap of the AWR weights exp(eta * advantage)"""
     normalize_reward: bool = True
     """scale rewards by 1000 / (max - min episode return), D4RL locomotion preprocessing of IQL/X-QL"""
+    reward_scale: float | None = None
+    """multiply every reward by this instead of the scale --normalize-reward derives (printed at start)"""
     eval_frequency: int = 5000
     """evaluate the policy's mean action every this many gradient steps"""
     eval_episodes: int = 10
@@ -172,6 +174,8 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --eta must be >= 0 (got {args.eta}); 3 on locomotion, 0 for behaviour cloning")
     if not args.max_weight > 0:
         raise SystemExit(f"error: --max-weight must be > 0 (got {args.max_weight}); IQL uses 100")
+    if args.reward_scale is not None and not args.reward_scale > 0:
+        raise SystemExit(f"error: --reward-scale must be > 0 (got {args.reward_scale}); leave it out to derive it")
     if args.batch_size < 1 or args.total_timesteps < 1:
         raise SystemExit("error: --batch-size and --total-timesteps must be positive")
     if args.eval_frequency < 1:
@@ -657,7 +661,9 @@ if __name__ == "__main__":
 
     returns_in_data = episode_returns(info["raw"])
     reward_scale = 1.0
-    if args.normalize_reward:  # every dataset, file or Minari: the same data gets the same scale
+    if args.reward_scale is not None:
+        reward_scale = args.reward_scale
+    elif args.normalize_reward:  # every dataset, file or Minari: the same data gets the same scale
         reward_scale = 1000.0 / max(returns_in_data.max() - returns_in_data.min(), 1e-8)
     ref_scores = info["ref_scores"]
 

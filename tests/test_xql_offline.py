@@ -215,6 +215,7 @@ def test_d4rl_name_reads_the_cache_folder_and_infers_the_env(tmp_path, workdir, 
         ("pendulum", ["--dataset", "p.hdf5", "--beta", "0"], ["--beta", "> 0"]),
         ("pendulum", ["--dataset", "p.hdf5", "--beta", "-2"], ["--beta"]),
         ("pendulum", ["--dataset", "p.hdf5", "--exp-clip", "0"], ["--exp-clip"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--reward-scale", "0"], ["--reward-scale", "> 0"]),
         ("pendulum", ["--dataset", "p.hdf5", "--env-id", "CartPole-v1"], ["CartPole-v1", "continuous"]),
     ],
 )
