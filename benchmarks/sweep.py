@@ -205,6 +205,15 @@ def write_result(result: dict, out_dir: Path) -> Path:
     return path
 
 
+def active_seconds(times: list[float], max_gap: float = 600.0) -> float | None:
+    """Wall time a run spent running: the sum of the gaps between its logged events, leaving out gaps
+    over max_gap seconds (a run stopped, then resumed from its checkpoint in a later session)."""
+    if not times:
+        return None
+    times = sorted(times)
+    return sum(b - a for a, b in zip(times, times[1:]) if b - a <= max_gap)
+
+
 def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str) -> list[str]:
     """Results from runs made by hand: every TensorBoard folder `folder/runs/{env}__{variant}__{seed}__*`
     (the scripts' own run name, with `--exp-name VARIANT`) that matches a run of the suite and has no
@@ -222,7 +231,7 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
         acc.Reload()
         scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
         times = [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
-        meta = run_meta(run, scalars, commit, max(times) - min(times) if times else None, None)
+        meta = run_meta(run, scalars, commit, active_seconds(times), None)
         meta["imported_from"] = matches[-1].name
         write_result({"rows": rows_from_events(scalars, run), "meta": meta}, out_dir)
         imported.append(run.run_id)

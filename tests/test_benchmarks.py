@@ -153,3 +153,10 @@ def test_import_of_runs_made_by_hand(tmp_path):
     meta = json.loads((tmp_path / "out" / "Pendulum-v1__IQ__1.json").read_text())
     assert meta["commit"] == "abc123" and meta["imported_from"].startswith("Pendulum-v1__IQ__1__")
     assert sweep.import_runs(tmp_path, runs, tmp_path / "out", "abc123") == []  # already there
+
+
+def test_wall_time_of_a_resumed_run_leaves_out_the_time_it_was_stopped():
+    # events every 2 s for 100 s, stopped for a day, then 50 s more after the resume
+    times = [1000.0 + 2 * i for i in range(51)] + [1000.0 + 86400 + 2 * i for i in range(26)]
+    assert sweep.active_seconds(times) == pytest.approx(150.0)
+    assert sweep.active_seconds([5.0]) == 0.0 and sweep.active_seconds([]) is None
