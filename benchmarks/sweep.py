@@ -12,8 +12,11 @@ For each finished run the driver writes
     results/<suite>/<env>__<variant>__<seed>.json   one metadata line: command, flags, commit,
                                                     wall time, SPS, peak memory, machine
 both taken from the run's TensorBoard events. A run whose CSV exists is skipped, so a suite can be
-rerun after an interruption, or on another machine, and the results accumulate. A run that fails
-is reported with the tail of its log while the others go on.
+rerun after an interruption, or on another machine, and the results accumulate. A run stopped
+part-way (Ctrl-C, SIGTERM, a job's time limit: every script checkpoints then, and every
+--checkpoint-frequency steps if the suite's flags ask) continues from its checkpoint on the rerun,
+on the same machine and --workdir. A run that fails is reported with the tail of its log while the
+others go on.
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/sweep.py benchmarks/suites/mujoco.toml                  # local, one run per core
@@ -102,6 +105,15 @@ def read_events(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def read_event_times(run_dir: str | Path) -> list[float]:
+    """The wall-clock times of every scalar logged in one TensorBoard run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+
+
 def rows_from_events(scalars: dict, run: Run) -> list[dict]:
     """The CSV rows of one run: one per evaluation, with the normalised score where it was logged."""
     norm = dict(scalars.get("eval/normalized_score", []))
@@ -168,7 +180,11 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     threads = str(run.cores)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.setdefault("MUJOCO_GL", "egl")
-    cmd = [sys.executable, str(Path(root) / run.script), *run.args]
+    # a run stopped part-way (a session's end, a job's time limit, Ctrl-C: every script checkpoints on
+    # SIGTERM/SIGINT, and at --checkpoint-frequency) continues from its checkpoint with its own flags
+    checkpoints = sorted((rundir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    resume = ["--resume", str(checkpoints[-1].relative_to(rundir))] if checkpoints else []
+    cmd = [sys.executable, str(Path(root) / run.script), *(resume or run.args)]
     start = time.time()
     with open(rundir / "log.txt", "w") as log:
         proc = subprocess.Popen(
@@ -184,7 +200,10 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     if not event_dirs:
         raise RuntimeError(f"{run.run_id}: the script wrote no runs/ folder")
     scalars = read_events(event_dirs[-1])
+    if resume:  # the time spent before the stop counts too, the hours it sat stopped do not
+        wall = active_seconds(read_event_times(event_dirs[-1]))
     meta = run_meta(run, scalars, git_commit(Path(root)), wall, usage.ru_maxrss / 1024)
+    meta["resumed_from"] = resume[1] if resume else None
     return {"rows": rows_from_events(scalars, run), "meta": meta}
 
 
@@ -218,8 +237,6 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
     """Results from runs made by hand: every TensorBoard folder `folder/runs/{env}__{variant}__{seed}__*`
     (the scripts' own run name, with `--exp-name VARIANT`) that matches a run of the suite and has no
     CSV yet. The metadata line says it was imported, with the suite's command for that run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     imported = []
     for run in runs:
         if (out_dir / f"{run.run_id}.csv").exists():
@@ -227,10 +244,7 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
         matches = sorted(Path(folder).glob(f"runs/{run.env}__{run.variant}__{run.seed}__*"))
         if not matches:
             continue
-        acc = EventAccumulator(str(matches[-1]), size_guidance={"scalars": 0})
-        acc.Reload()
-        scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-        times = [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+        scalars, times = read_events(matches[-1]), read_event_times(matches[-1])
         meta = run_meta(run, scalars, commit, active_seconds(times), None)
         meta["imported_from"] = matches[-1].name
         write_result({"rows": rows_from_events(scalars, run), "meta": meta}, out_dir)

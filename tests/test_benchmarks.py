@@ -3,6 +3,7 @@ suite with a local Ray, as CI runs them; and their pieces on hand-made inputs.""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,31 @@ def test_import_of_runs_made_by_hand(tmp_path):
     meta = json.loads((tmp_path / "out" / "Pendulum-v1__IQ__1.json").read_text())
     assert meta["commit"] == "abc123" and meta["imported_from"].startswith("Pendulum-v1__IQ__1__")
     assert sweep.import_runs(tmp_path, runs, tmp_path / "out", "abc123") == []  # already there
+
+
+def test_runner_resumes_a_run_stopped_part_way_from_its_checkpoint(tmp_path):
+    """A run cut short (here --stop-at, as a session's end or a job's time limit would) is continued from
+    its checkpoint by the next execute(), not restarted: the CSV has both halves' evaluations."""
+    _, runs = sweep.load_suite(SUITES / "ci-tiny.toml")
+    run = next(r for r in runs if r.variant == "IQ")
+    rundir = tmp_path / run.suite / run.run_id
+    rundir.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(
+        [sys.executable, str(Path(ROOT) / run.script), *run.args, "--stop-at", "300"],
+        cwd=rundir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert first.returncode == 0 and "stopped by --stop-at" in first.stdout, first.stdout + first.stderr[-2000:]
+    result = sweep.execute(run, str(ROOT), str(tmp_path))
+    assert result["meta"]["resumed_from"].endswith("checkpoint.pt")
+    assert "resumed" in (rundir / "log.txt").read_text()
+    assert [row["step"] for row in result["rows"]] == [200, 400]  # 200 from the first part, 400 after the resume
+    assert len(list((rundir / "runs").iterdir())) == 1  # one TensorBoard run, continued
+    assert result["meta"]["wall_time_s"] > 0
 
 
 def test_wall_time_of_a_resumed_run_leaves_out_the_time_it_was_stopped():
