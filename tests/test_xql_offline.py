@@ -427,3 +427,13 @@ def test_replay_of_a_wrapped_buffer_starts_from_its_oldest_transition(tmp_path):
     assert [e["terminations"].tolist() for e in episodes] == [[False, False, True], [False, False]]
     assert episodes[1]["truncations"].tolist() == [False, True]
     assert episodes[0]["rewards"].tolist() == [2, 3, 4]
+
+
+def test_reward_scale_flag_replaces_the_derived_scale(tmp_path, workdir):
+    episodes = mk.rollout("Pendulum-v1", "random", episodes=2, seed=3, max_episode_steps=30)
+    mk.write_hdf5(str(tmp_path / "p.hdf5"), mk.episodes_to_d4rl(episodes), "Pendulum-v1")
+    flags = ["--dataset", str(tmp_path / "p.hdf5"), "--total-timesteps", "20", "--batch-size", "8"]
+    flags += ["--eval-frequency", "20", "--eval-episodes", "1", "--reward-scale", "0.25"]
+    proc = run_script("xql_offline.py", flags, workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("reward scale ")[1].split(";")[0]) == 0.25
