@@ -136,13 +136,15 @@ def git_commit(root: Path = ROOT) -> str:
 
 
 def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: float | None) -> dict:
-    """The metadata line of one run."""
+    """The metadata line of one run. Paths under the repository are given relative to it (`{root}` of
+    the suite file), so the command reproduces the run from any clone's root."""
+    args = [a.replace(f"{ROOT}{os.sep}", "") for a in run.args]
     return {
         "run_id": run.run_id,
         "suite": run.suite,
         "script": run.script,
-        "flags": run.args,
-        "command": "python " + " ".join([run.script, *map(shlex.quote, run.args)]),
+        "flags": args,
+        "command": "python " + " ".join([run.script, *map(shlex.quote, args)]),
         "commit": commit,
         "wall_time_s": None if wall is None else round(wall, 1),
         "sps": scalars.get("charts/SPS", [(0, float("nan"))])[-1][1],

@@ -43,6 +43,11 @@ def test_suite_expands_env_flags_root_and_per_variant_overrides(tmp_path):
     assert x.args[:2] == ["--dataset", f"{ROOT}/data/a.hdf5"]
     assert "--eta" in x.args and "--total-timesteps" in x.args
     assert [r.seed for r in runs if r.variant == "Y"] == [7, 7] and runs[-1].cores == 1
+    # the metadata's command runs from any clone's root: no absolute path of this checkout in it
+    meta = sweep.run_meta(x, {}, "abc", None, None)
+    assert (
+        meta["command"].startswith("python xql_offline.py --dataset data/a.hdf5 ") and str(ROOT) not in meta["command"]
+    )
 
 
 def test_suite_with_a_missing_script_is_a_one_line_error(tmp_path):
