@@ -148,13 +148,15 @@ def main(argv=None) -> int:
     rows_ = math.ceil(len(envs) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4 * rows_), squeeze=False)
     colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    scored = all(r["normalized_score"] is not None for r in runs.values())  # offline: D4RL-style scores too
     table = [
         f"# Results: {folder.name}",
         "",
-        "Mean over seeds [95% bootstrap CI]. Final: the last evaluation. AUC: the mean of all evaluations.",
+        "Mean over seeds [95% bootstrap CI]. Final: the last evaluation. AUC: the mean of all evaluations."
+        + (" Score: the final normalised score, 100 (R - R_random) / (R_expert - R_random)." if scored else ""),
         "",
-        "| env | variant | seeds | last step | final return | AUC |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| env | variant | seeds | last step | final return | AUC |" + (" final score |" if scored else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if scored else ""),
     ]
     for ax, env in zip(axes.flat, envs):
         for variant in variants:
@@ -168,7 +170,10 @@ def main(argv=None) -> int:
                 ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colours[variant], alpha=0.2)
             final = bootstrap_ci(matrix[:, -1])
             auc = bootstrap_ci(matrix.mean(1))
-            table.append(f"| {env} | {variant} | {len(matrix)} | {steps[-1]} | {fmt(*final)} | {fmt(*auc)} |")
+            row = f"| {env} | {variant} | {len(matrix)} | {steps[-1]} | {fmt(*final)} | {fmt(*auc)} |"
+            if scored:
+                row += f" {fmt(*bootstrap_ci(aligned(runs, env, variant, 'normalized_score')[1][:, -1]))} |"
+            table.append(row)
         ax.set_title(env)
         ax.set_xlabel("steps")
         ax.set_ylabel("evaluation return")

@@ -74,13 +74,13 @@ def test_normalised_score_uses_d4rl_references():
     assert plot.normalized_final(run, "Pendulum-v1") is None
 
 
-def write_fake_run(folder: Path, env: str, variant: str, seed: int, finals: float):
+def write_fake_run(folder: Path, env: str, variant: str, seed: int, finals: float, score: float | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{env}__{variant}__{seed}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["env_id", "variant", "seed", "step", "eval_return"])
+        w.writerow(["env_id", "variant", "seed", "step", "eval_return"] + (["normalized_score"] if score else []))
         for step, frac in [(1000, 0.2), (2000, 0.6), (3000, 1.0)]:
-            w.writerow([env, variant, seed, step, finals * frac])
+            w.writerow([env, variant, seed, step, finals * frac] + ([score * frac] if score else []))
 
 
 def test_plot_table_and_iqm_on_hand_made_runs(tmp_path):
@@ -97,6 +97,15 @@ def test_plot_table_and_iqm_on_hand_made_runs(tmp_path):
     assert "| A | 5 x 2 |" in iqm
     assert "| B | 5 x 1 | 16.0 [16.0, 16.0] |" in iqm  # 100*(500 + 20.27)/(3234.3 + 20.27) = 15.99
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "final score" not in table  # online runs log no normalised score
+
+
+def test_offline_table_gives_the_final_normalised_score(tmp_path):
+    for seed, score in [(1, 10.0), (2, 20.0), (3, 30.0)]:
+        write_fake_run(tmp_path, "hopper-medium", "X-QL", seed, 400.0, score)
+    assert plot.main([str(tmp_path)]) == 0
+    row = next(r for r in (tmp_path / "results.md").read_text().splitlines() if r.startswith("| hopper-medium"))
+    assert row.startswith("| hopper-medium | X-QL | 3 | 3000 | 400.0 | 240.0 | 20.0 [")
 
 
 def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
