@@ -213,9 +213,22 @@ def read_d4rl_hdf5(path: str) -> tuple[dict, dict]:
     return raw, attrs
 
 
-def qlearning_dataset(raw: dict) -> dict:
+def returns_to_go(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma * G_{t+1} within each trajectory (ends[t] marks its last row): the discounted
+    return the data's own actions obtained from each state. Cut short at time-outs, so there it
+    underestimates the value; a diagnostic for V, never a training target."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + (0.0 if ends[t] else gamma * g)
+        out[t] = g
+    return out.astype(np.float32)
+
+
+def qlearning_dataset(raw: dict, gamma: float = 0.99) -> dict:
     """D4RL flat arrays -> transitions (observations, actions, rewards, next_observations, dones),
-    like d4rl.qlearning_dataset but never pairing the end of one trajectory with the next's start."""
+    like d4rl.qlearning_dataset but never pairing the end of one trajectory with the next's start;
+    plus each transition's discounted return to the end of its trajectory (`returns_to_go`)."""
     obs = np.asarray(raw["observations"], dtype=np.float32)
     terminals = np.asarray(raw["terminals"], dtype=bool).reshape(-1)
     timeouts = np.asarray(raw["timeouts"], dtype=bool).reshape(-1)
@@ -228,12 +241,16 @@ def qlearning_dataset(raw: dict) -> dict:
         last[-1] = True
         keep = ~((timeouts | last) & ~terminals)  # no true next observation: drop (as d4rl does)
         next_obs = np.where(terminals[:, None], obs, next_obs)  # unused (done = 1); not the next start
+    rewards = np.asarray(raw["rewards"], dtype=np.float32).reshape(-1)
+    ends = terminals | timeouts
+    ends[-1] = True
     return {
         "observations": obs[keep],
         "actions": np.asarray(raw["actions"], dtype=np.float32)[keep],
-        "rewards": np.asarray(raw["rewards"], dtype=np.float32).reshape(-1)[keep],
+        "rewards": rewards[keep],
         "next_observations": next_obs[keep],
         "dones": terminals[keep].astype(np.float32),
+        "returns_to_go": returns_to_go(rewards, ends, gamma)[keep],
     }
 
 
@@ -643,7 +660,7 @@ if __name__ == "__main__":
         args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
     check_args(args)
     info = load_dataset(args.dataset)
-    data = qlearning_dataset(info["raw"])
+    data = qlearning_dataset(info["raw"], args.gamma)
     env_id = args.env_id or info["env_id"]
     if env_id is None and "eval_env" not in info:
         raise SystemExit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
@@ -699,6 +716,7 @@ if __name__ == "__main__":
     # the whole dataset sits on the device as tensors: a batch is one index operation, no Python copy
     D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
     D["rewards"] = D["rewards"] * reward_scale
+    D["returns_to_go"] = D["returns_to_go"] * reward_scale
     n_data = len(D["rewards"])
     obs_dim, act_dim = D["observations"].shape[1], D["actions"].shape[1]
 
@@ -725,6 +743,11 @@ if __name__ == "__main__":
     )
     print(
         f"the critics' Polyak rate (CleanRL's --tau) is --lam {args.lam}; --beta {args.beta} is the Gumbel temperature"
+    )
+    print(
+        f"the data's discounted returns (scaled) are {D['returns_to_go'].mean():.1f} on average, "
+        f"{D['returns_to_go'].max():.1f} at most: losses/v_values far above losses/data_discounted_return "
+        "(a soft maximum over the data's actions sits somewhat above it) is over-estimation"
     )
 
     networks = {"policy": policy, "vf": vf}
@@ -826,6 +849,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/qf_loss", q_loss.item() / 2, global_step)
             writer.add_scalar("losses/policy_loss", policy_loss.item(), global_step)
             writer.add_scalar("losses/v_values", v.mean().item(), global_step)
+            # the same states' discounted return in the data: what V is to be read against
+            writer.add_scalar("losses/data_discounted_return", D["returns_to_go"][idx].mean().item(), global_step)
             writer.add_scalar("losses/qf1_values", q_values[0].mean().item(), global_step)
             if args.value_loss == "gumbel":
                 writer.add_scalar("losses/max_z", ((q_bar - v) / args.beta).max().item(), global_step)

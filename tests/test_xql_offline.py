@@ -61,6 +61,15 @@ def test_hdf5_without_next_observations_never_pairs_two_trajectories(tmp_path):
     np.testing.assert_array_equal(data["rewards"], [1, 2, 10, 20, -1])
 
 
+def test_returns_to_go_restart_at_every_trajectory_end_and_follow_the_kept_transitions(tmp_path):
+    """G_t = r_t + gamma G_{t+1} within a trajectory, by hand with gamma = 0.5: (1, 2, 3 | time-out),
+    (10, 20 | terminal), (-1, -2 | time-out) -> 2.75, 3.5, 3 | 20, 20 | -2, -2."""
+    with_next = xo.qlearning_dataset({**RAW, "next_observations": NEXT}, gamma=0.5)
+    np.testing.assert_allclose(with_next["returns_to_go"], [2.75, 3.5, 3, 20, 20, -2, -2])
+    dropped = xo.qlearning_dataset(RAW, gamma=0.5)  # the time-outs without a next observation are dropped
+    np.testing.assert_allclose(dropped["returns_to_go"], [2.75, 3.5, 20, 20, -2])
+
+
 def test_episode_returns_split_at_terminals_and_timeouts():
     np.testing.assert_allclose(xo.episode_returns(RAW), [6, 30, -3])
 
@@ -168,6 +177,7 @@ def test_end_to_end_logs_scores_saves_and_reloads(pendulum_data, workdir):
         "losses/qf_loss",
         "losses/policy_loss",
         "losses/max_z",
+        "losses/data_discounted_return",
         "charts/SPS",
         "charts/policy_learning_rate",
         "eval/episodic_return",
