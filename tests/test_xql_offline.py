@@ -61,7 +61,7 @@ def test_hdf5_without_next_observations_never_pairs_two_trajectories(tmp_path):
     np.testing.assert_array_equal(data["rewards"], [1, 2, 10, 20, -1])
 
 
-def test_returns_to_go_restart_at_every_trajectory_end_and_follow_the_kept_transitions(tmp_path):
+def test_returns_to_go_restart_at_every_trajectory_end_and_follow_the_kept_transitions():
     """G_t = r_t + gamma G_{t+1} within a trajectory, by hand with gamma = 0.5: (1, 2, 3 | time-out),
     (10, 20 | terminal), (-1, -2 | time-out) -> 2.75, 3.5, 3 | 20, 20 | -2, -2."""
     with_next = xo.qlearning_dataset({**RAW, "next_observations": NEXT}, gamma=0.5)
