@@ -135,6 +135,10 @@ def git_commit(root: Path = ROOT) -> str:
         return "unknown"
 
 
+def machine_name() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
+
+
 def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: float | None) -> dict:
     """The metadata line of one run. Paths under the repository are given relative to it (`{root}` of
     the suite file), so the command reproduces the run from any clone's root."""
@@ -150,7 +154,7 @@ def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: 
         "sps": scalars.get("charts/SPS", [(0, float("nan"))])[-1][1],
         "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
         "threads": run.cores,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "machine": machine_name(),
         "host": socket.gethostname(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -188,6 +192,10 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     resume = ["--resume", str(checkpoints[-1].relative_to(rundir))] if checkpoints else []
     cmd = [sys.executable, str(Path(root) / run.script), *(resume or run.args)]
     start = time.time()
+    # one line per piece of the run (a first part, each resume), so a run finished on another machine
+    # than the one it started on says where each part ran and for how long
+    segment = {"host": socket.gethostname(), "machine": machine_name(), "resumed_from": resume[1] if resume else None}
+    segment["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     with open(rundir / "log.txt", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=rundir, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=priority_setter(niceness)
@@ -195,6 +203,9 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
         _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone: its peak memory
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - start
+    segment.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=round(wall, 1), exit=proc.returncode)
+    with open(rundir / "segments.jsonl", "a") as f:
+        f.write(json.dumps(segment) + "\n")
     if proc.returncode != 0:
         tail = "".join((rundir / "log.txt").read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{run.run_id} exited with {proc.returncode}:\n{tail}")
@@ -206,6 +217,7 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
         wall = active_seconds(read_event_times(event_dirs[-1]))
     meta = run_meta(run, scalars, git_commit(Path(root)), wall, usage.ru_maxrss / 1024)
     meta["resumed_from"] = resume[1] if resume else None
+    meta["segments"] = [json.loads(line) for line in (rundir / "segments.jsonl").read_text().splitlines()]
     return {"rows": rows_from_events(scalars, run), "meta": meta}
 
 

@@ -2,8 +2,8 @@
 suite with a local Ray, as CI runs them; and their pieces on hand-made inputs."""
 
 import csv
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,18 +177,15 @@ def test_runner_resumes_a_run_stopped_part_way_from_its_checkpoint(tmp_path):
     run = next(r for r in runs if r.variant == "IQ")
     rundir = tmp_path / run.suite / run.run_id
     rundir.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(
-        [sys.executable, str(Path(ROOT) / run.script), *run.args, "--stop-at", "300"],
-        cwd=rundir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert first.returncode == 0 and "stopped by --stop-at" in first.stdout, first.stdout + first.stderr[-2000:]
+    first = sweep.execute(dataclasses.replace(run, args=[*run.args, "--stop-at", "300"]), str(ROOT), str(tmp_path))
+    assert "stopped by --stop-at" in (rundir / "log.txt").read_text()
+    assert first["meta"]["resumed_from"] is None
     result = sweep.execute(run, str(ROOT), str(tmp_path))
     assert result["meta"]["resumed_from"].endswith("checkpoint.pt")
+    # each piece of the run is on record: where it ran, from which checkpoint, how it ended
+    pieces = result["meta"]["segments"]
+    assert [p["resumed_from"] for p in pieces] == [None, result["meta"]["resumed_from"]]
+    assert [p["exit"] for p in pieces] == [0, 0] and all(p["host"] and p["wall_s"] > 0 for p in pieces)
     assert "resumed" in (rundir / "log.txt").read_text()
     assert [row["step"] for row in result["rows"]] == [200, 400]  # 200 from the first part, 400 after the resume
     assert len(list((rundir / "runs").iterdir())) == 1  # one TensorBoard run, continued
