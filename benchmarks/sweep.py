@@ -194,8 +194,12 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     start = time.time()
     # one line per piece of the run (a first part, each resume), so a run finished on another machine
     # than the one it started on says where each part ran and for how long
-    segment = {"host": socket.gethostname(), "machine": machine_name(), "resumed_from": resume[1] if resume else None}
-    segment["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    segment = {
+        "host": socket.gethostname(),
+        "machine": machine_name(),
+        "resumed_from": resume[1] if resume else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     with open(rundir / "log.txt", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=rundir, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=priority_setter(niceness)
