@@ -8,7 +8,11 @@ writes into that folder:
     results.md   per env and variant: seeds, final return, and area under the curve, each as
                  mean and 95% bootstrap CI over seeds; and the interquartile mean (IQM) of the
                  final normalised score with its CI from rliable, for every variant that has at
-                 least 5 runs across the suite's envs
+                 least 5 runs across the suite's envs; with --compare A B, the difference
+                 B - A of final return and AUC per env, with a 95% bootstrap CI
+
+On Atari panels a dashed line marks the uniform-random policy's score (Mnih et al. 2015's table),
+so that a curve which never leaves it is visible as such; steps there are agent steps of 4 frames.
 
 "Final return" is the last evaluation. "Area under the curve" is the mean of the evaluation
 returns over all evaluations, so it rewards learning early, and its unit is a return. The score
@@ -35,6 +39,15 @@ D4RL_REF = {
     "Walker2d": (1.629008, 4592.3),
     "Ant": (-325.6, 3879.7),
 }
+
+# the random policy's score per game (Mnih et al. 2015, Extended Data Table 2)
+ATARI_RANDOM = {"Breakout": 1.7, "Pong": -20.7, "Seaquest": 68.4, "SpaceInvaders": 148.0, "BeamRider": 363.9}
+
+
+def atari_random(env: str) -> float | None:
+    """The random policy's score for an ALE env id such as BreakoutNoFrameskip-v4 or ALE/Pong-v5."""
+    game = env.split("/")[-1].split("NoFrameskip")[0].split("-v")[0]
+    return ATARI_RANDOM.get(game)
 
 
 def load_runs(folder: str | Path) -> dict:
@@ -85,6 +98,42 @@ def normalized_final(run: dict, env: str) -> float | None:
     return 100.0 * (float(run["eval_return"][-1]) - low) / (high - low)
 
 
+def bootstrap_diff_ci(a, b, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(b) - mean(a) and its 95% percentile-bootstrap interval, resampling the seeds of each
+    side independently (the runs of two variants are not paired)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    diffs = b[rng.integers(0, len(b), (reps, len(b)))].mean(1) - a[rng.integers(0, len(a), (reps, len(a)))].mean(1)
+    return float(b.mean() - a.mean()), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
+    """Per env with both variants: b - a of the final return and of the AUC, on the steps both have."""
+    lines = []
+    for env in envs:
+        if not all(any(e == env and v == x for e, v, _ in runs) for x in (a, b)):
+            continue
+        (steps_a, ma), (steps_b, mb) = aligned(runs, env, a), aligned(runs, env, b)
+        common = sorted(set(steps_a.tolist()) & set(steps_b.tolist()))
+        if not common:
+            continue
+        ma = ma[:, [steps_a.tolist().index(t) for t in common]]
+        mb = mb[:, [steps_b.tolist().index(t) for t in common]]
+        final = bootstrap_diff_ci(ma[:, -1], mb[:, -1])
+        auc = bootstrap_diff_ci(ma.mean(1), mb.mean(1))
+        lines.append(f"| {env} | {len(ma)} / {len(mb)} | {common[-1]} | {fmt(*final)} | {fmt(*auc)} |")
+    if lines:
+        lines = [
+            "",
+            f"{b} - {a} (difference of the means over seeds, 95% bootstrap CI, seeds resampled per variant):",
+            "",
+            f"| env | seeds {a} / {b} | last step | final return | AUC |",
+            "| --- | --- | --- | --- | --- |",
+            *lines,
+        ]
+    return lines
+
+
 def fmt(mean: float, lo: float, hi: float) -> str:
     if lo == hi:
         return f"{mean:.1f}"
@@ -131,6 +180,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a results/<suite> folder of per-run CSVs")
     parser.add_argument("--title", default=None, help="figure title (default: the folder's name)")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), default=None, help="also tabulate variant B minus variant A per env"
+    )
     opts = parser.parse_args(argv)
     folder = Path(opts.folder)
     runs = load_runs(folder)
@@ -138,6 +190,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: no run CSVs in {folder}; run benchmarks/sweep.py first")
     envs = sorted({e for e, _, _ in runs})
     variants = list(dict.fromkeys(v for _, v, _ in sorted(runs, key=lambda k: k[1])))
+    if opts.compare:
+        missing = [v for v in opts.compare if v not in variants]
+        if missing:
+            raise SystemExit(f"error: --compare: no runs of {missing} in {folder}; its variants are {variants}")
 
     import matplotlib
 
@@ -174,8 +230,11 @@ def main(argv=None) -> int:
             if scored:
                 row += f" {fmt(*bootstrap_ci(aligned(runs, env, variant, 'normalized_score')[1][:, -1]))} |"
             table.append(row)
+        random_score = atari_random(env)
+        if random_score is not None:
+            ax.axhline(random_score, color="grey", linestyle="--", linewidth=1, label=f"random policy ({random_score})")
         ax.set_title(env)
-        ax.set_xlabel("steps")
+        ax.set_xlabel("agent steps (4 frames each)" if random_score is not None else "steps")
         ax.set_ylabel("evaluation return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -185,6 +244,8 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
     table += iqm_rows(runs, envs, variants)
+    if opts.compare:
+        table += compare_rows(runs, envs, *opts.compare)
     (folder / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(f"wrote {folder / 'curves.png'} and {folder / 'results.md'}")

@@ -100,6 +100,31 @@ def test_plot_table_and_iqm_on_hand_made_runs(tmp_path):
     assert "final score" not in table  # online runs log no normalised score
 
 
+def test_compare_tabulates_the_difference_of_two_variants_with_an_interval(tmp_path):
+    """Fig. 3's question as a table: soft-q - pg-proper per game, final and AUC, with a bootstrap CI."""
+    for seed, final in [(1, 10.0), (2, 14.0)]:
+        write_fake_run(tmp_path, "PongNoFrameskip-v4", "pg-proper", seed, final)
+    for seed, final in [(1, 4.0), (2, 6.0)]:
+        write_fake_run(tmp_path, "PongNoFrameskip-v4", "soft-q", seed, final)
+    assert plot.main([str(tmp_path), "--compare", "pg-proper", "soft-q"]) == 0
+    table = (tmp_path / "results.md").read_text().split("soft-q - pg-proper", 1)[1]
+    row = next(r for r in table.splitlines() if r.startswith("| PongNoFrameskip-v4"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["2 / 2", "3000"]
+    # final: 5 - 12 = -7; the interval spans the resampled extremes, 4 - 14 = -10 and 6 - 10 = -4
+    assert cells[3] == "-7.0 [-10.0, -4.0]"
+    # AUC: the mean of 0.2, 0.6, 1.0 times the final, 0.6 * -7 = -4.2
+    assert cells[4].startswith("-4.2 [")
+    with pytest.raises(SystemExit, match="no runs of \\['kl'\\]"):
+        plot.main([str(tmp_path), "--compare", "pg-proper", "kl"])
+
+
+def test_atari_random_scores_are_found_from_the_env_id():
+    assert plot.atari_random("BreakoutNoFrameskip-v4") == 1.7
+    assert plot.atari_random("ALE/Pong-v5") == -20.7
+    assert plot.atari_random("Hopper-v5") is None
+
+
 def test_offline_table_gives_the_final_normalised_score(tmp_path):
     for seed, score in [(1, 10.0), (2, 20.0), (3, 30.0)]:
         write_fake_run(tmp_path, "hopper-medium", "X-QL", seed, 400.0, score)
