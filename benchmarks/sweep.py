@@ -8,14 +8,18 @@ torch/OMP threads, so a local `ray.init()` runs one single-core run per core.
 
 For each finished run the driver writes
     results/<suite>/<env>__<variant>__<seed>.csv    env_id, variant, seed, step, eval_return
-                                                    (+ normalized_score when the script logs it)
+                                                    (+ normalized_score when the script logs it,
+                                                    + the suite's [columns]: the mean of a logged
+                                                    tag since the evaluation before, e.g. the
+                                                    training return or the policy's entropy)
     results/<suite>/<env>__<variant>__<seed>.json   one metadata line: command, flags, commit,
                                                     wall time, SPS, peak memory, machine
 both taken from the run's TensorBoard events. A run whose CSV exists is skipped, so a suite can be
 rerun after an interruption, or on another machine, and the results accumulate. A run stopped
 part-way (Ctrl-C, SIGTERM, a job's time limit: every script checkpoints then, and every
 --checkpoint-frequency steps if the suite's flags ask) continues from its checkpoint on the rerun,
-on the same machine and --workdir. A run that fails is reported with the tail of its log while the
+on the same machine and --workdir. `--rewrite` makes the CSVs of done runs again from their
+events in --workdir, for columns added to a suite after its runs. A run that fails is reported with the tail of its log while the
 others go on.
 
     pip install -r benchmarks/requirements.txt
@@ -62,6 +66,7 @@ class Run:
     script: str
     args: list[str] = field(default_factory=list)
     cores: int = 1
+    columns: dict[str, str] = field(default_factory=dict)  # CSV column -> TensorBoard tag
 
     @property
     def run_id(self) -> str:
@@ -78,6 +83,7 @@ def load_suite(path: str | Path, root: Path = ROOT) -> tuple[str, list[Run]]:
         raise SystemExit(f"error: suite {path} lacks {', '.join(missing)}; see benchmarks/suites/mujoco.toml")
     env_flags = spec.get("env_flags", "--env-id {env}")
     common = spec.get("flags", "")
+    columns = dict(spec.get("columns", {}))
     runs = []
     for variant in spec["variants"]:
         if "name" not in variant or "script" not in variant:
@@ -92,7 +98,7 @@ def load_suite(path: str | Path, root: Path = ROOT) -> tuple[str, list[Run]]:
                 args = shlex.split(text.replace("{root}", str(root)))
                 args += ["--seed", str(seed), "--exp-name", variant["name"]]
                 cores = int(variant.get("cores", spec.get("cores_per_run", 1)))
-                runs.append(Run(name, env, variant["name"], int(seed), variant["script"], args, cores))
+                runs.append(Run(name, env, variant["name"], int(seed), variant["script"], args, cores, columns))
     return name, runs
 
 
@@ -115,14 +121,20 @@ def read_event_times(run_dir: str | Path) -> list[float]:
 
 
 def rows_from_events(scalars: dict, run: Run) -> list[dict]:
-    """The CSV rows of one run: one per evaluation, with the normalised score where it was logged."""
+    """The CSV rows of one run: one per evaluation, with the normalised score where it was logged,
+    and for each of the suite's columns the mean of its tag over the steps since the evaluation
+    before (after the previous evaluation's step, up to this one's; empty if nothing was logged)."""
     norm = dict(scalars.get("eval/normalized_score", []))
-    rows = []
+    rows, previous = [], -1
     for step, value in scalars.get("eval/episodic_return", []):
         row = {"env_id": run.env, "variant": run.variant, "seed": run.seed, "step": step + 1, "eval_return": value}
         if norm:
             row["normalized_score"] = norm.get(step, float("nan"))
+        for column, tag in run.columns.items():
+            window = [v for t, v in scalars.get(tag, []) if previous < t <= step]
+            row[column] = sum(window) / len(window) if window else ""
         rows.append(row)
+        previous = step
     return rows
 
 
@@ -270,6 +282,22 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
     return imported
 
 
+def rewrite_results(workdir: str | Path, runs: list[Run], out_dir: Path) -> list[str]:
+    """Make the CSVs of done runs again from their events in `workdir`, keeping their metadata."""
+    rewritten = []
+    for run in runs:
+        path = out_dir / f"{run.run_id}.csv"
+        event_dirs = sorted(
+            (Path(workdir) / run.suite / run.run_id / "runs").glob("*"), key=lambda p: p.stat().st_mtime
+        )
+        if not path.exists() or not event_dirs:
+            continue
+        meta = json.loads((out_dir / f"{run.run_id}.json").read_text())
+        write_result({"rows": rows_from_events(read_events(event_dirs[-1]), run), "meta": meta}, out_dir)
+        rewritten.append(run.run_id)
+    return rewritten
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", help="a suite file, e.g. benchmarks/suites/mujoco.toml")
@@ -285,6 +313,9 @@ def main(argv=None) -> int:
         help="take the results of runs made by hand (with --exp-name VARIANT) from FOLDER/runs/ instead of running",
     )
     parser.add_argument("--commit", default=None, help="with --import-from: the commit the runs were made at")
+    parser.add_argument(
+        "--rewrite", action="store_true", help="make the CSVs of done runs again from their events in --workdir"
+    )
     opts = parser.parse_args(argv)
 
     suite, runs = load_suite(opts.suite)
@@ -293,6 +324,10 @@ def main(argv=None) -> int:
     if opts.import_from:
         done = import_runs(opts.import_from, runs, out_dir, opts.commit or git_commit())
         print(f"imported {len(done)} runs into {out_dir}: {', '.join(done)}")
+        return 0
+    if opts.rewrite:
+        done = rewrite_results(opts.workdir, runs, out_dir)
+        print(f"rewrote {len(done)} CSVs in {out_dir} from {opts.workdir}: {', '.join(done)}")
         return 0
     todo = [r for r in runs if not (out_dir / f"{r.run_id}.csv").exists()]
     print(f"suite {suite}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run", flush=True)

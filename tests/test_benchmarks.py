@@ -50,6 +50,24 @@ def test_suite_expands_env_flags_root_and_per_variant_overrides(tmp_path):
     )
 
 
+def test_suite_columns_are_the_mean_of_a_tag_since_the_evaluation_before(tmp_path):
+    (tmp_path / "s.toml").write_text(
+        'envs = ["a"]\nseeds = [1]\n[columns]\ntrain_return = "charts/episodic_return"\n'
+        '[[variants]]\nname = "X"\nscript = "xql_offline.py"\n'
+    )
+    _, (run,) = sweep.load_suite(tmp_path / "s.toml")
+    assert run.columns == {"train_return": "charts/episodic_return"}
+    scalars = {
+        "eval/episodic_return": [(99, 5.0), (199, 7.0), (299, 9.0)],
+        "charts/episodic_return": [(10, 1.0), (99, 3.0), (100, 10.0), (150, 20.0), (250, 40.0)],
+    }
+    rows = sweep.rows_from_events(scalars, run)
+    assert [r["step"] for r in rows] == [100, 200, 300]
+    # (1 + 3) / 2 up to the first evaluation, then (10 + 20) / 2, then 40 alone
+    assert [r["train_return"] for r in rows] == [2.0, 15.0, 40.0]
+    assert sweep.rows_from_events({"eval/episodic_return": [(99, 5.0)]}, run)[0]["train_return"] == ""
+
+
 def test_suite_with_a_missing_script_is_a_one_line_error(tmp_path):
     (tmp_path / "s.toml").write_text('envs = ["a"]\nseeds = [1]\n[[variants]]\nname = "X"\nscript = "nope.py"\n')
     with pytest.raises(SystemExit, match="nope.py"):
@@ -157,6 +175,17 @@ def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
     # a rerun skips what is done
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "2 already done, 0 to run" in again.stdout
+    # a column added to the suite after its runs: --rewrite makes the CSVs again from the events
+    with_column = tmp_path / "with_column.toml"
+    text = (SUITES / "ci-tiny.toml").read_text()
+    at = text.index("[[variants]]")
+    with_column.write_text(text[:at] + '[columns]\nsps = "charts/SPS"\n' + text[at:])
+    meta_before = (out / "Pendulum-v1__IQ__1.json").read_text()
+    assert sweep.main([str(with_column), "--results", str(results), "--workdir", str(work), "--rewrite"]) == 0
+    with open(out / "Pendulum-v1__IQ__1.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [200, 400] and all(float(r["sps"]) > 0 for r in rows)
+    assert (out / "Pendulum-v1__IQ__1.json").read_text() == meta_before
     # a failing run is reported with its log tail, and the other run still finishes
     bad = tmp_path / "bad.toml"
     bad.write_text(
