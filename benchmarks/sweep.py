@@ -202,6 +202,10 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     # SIGTERM/SIGINT, and at --checkpoint-frequency) continues from its checkpoint with its own flags
     checkpoints = sorted((rundir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
     resume = ["--resume", str(checkpoints[-1].relative_to(rundir))] if checkpoints else []
+    # the scripts take a run's other flags from its checkpoint, but not --stop-at (one chunk's end is
+    # not the next one's): a suite that ends its runs early with it passes it again on resume
+    if resume and "--stop-at" in run.args:
+        resume += run.args[run.args.index("--stop-at") : run.args.index("--stop-at") + 2]
     cmd = [sys.executable, str(Path(root) / run.script), *(resume or run.args)]
     start = time.time()
     # one line per piece of the run (a first part, each resume), so a run finished on another machine

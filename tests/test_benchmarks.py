@@ -246,6 +246,22 @@ def test_runner_resumes_a_run_stopped_part_way_from_its_checkpoint(tmp_path):
     assert result["meta"]["wall_time_s"] > 0
 
 
+def test_a_suite_run_that_ends_early_by_stop_at_still_ends_there_after_a_resume(tmp_path):
+    """atari-a2c ends its runs at --stop-at on the default schedule: a run interrupted before then and
+    resumed by the runner must stop at the suite's step, not go on to --total-timesteps."""
+    _, runs = sweep.load_suite(SUITES / "ci-tiny.toml")
+    run = next(r for r in runs if r.variant == "IQ")
+    run = dataclasses.replace(run, args=[*run.args, "--stop-at", "300"])
+    rundir = tmp_path / run.suite / run.run_id
+    rundir.mkdir(parents=True)
+    interrupted = [*run.args[:-2], "--stop-at", "150"]
+    sweep.execute(dataclasses.replace(run, args=interrupted), str(ROOT), str(tmp_path))
+    result = sweep.execute(run, str(ROOT), str(tmp_path))
+    log = (rundir / "log.txt").read_text()
+    assert "stopped by --stop-at at step 300" in log, log[-2000:]
+    assert [row["step"] for row in result["rows"]] == [200]  # no evaluation at 400: the run ended at 300
+
+
 def test_wall_time_of_a_resumed_run_leaves_out_the_time_it_was_stopped():
     # events every 2 s for 100 s, stopped for a day, then 50 s more after the resume
     times = [1000.0 + 2 * i for i in range(51)] + [1000.0 + 86400 + 2 * i for i in range(26)]
