@@ -32,7 +32,9 @@ after losing a life would never end).
 
 Atari: ale-py's C++ vector env (`AtariVectorEnv`) does DeepMind's preprocessing (no-op starts,
 frame skip 4 with max-pooling, 84x84 grayscale, 4-frame stack, fire on reset) in parallel threads,
-without OpenCV; it is the fast choice on a CPU. Sticky actions and episodic life are flags.
+without OpenCV; it is the fast choice on a CPU. Training episodes end at a life loss (DeepMind's
+episodic life, as in the A2C the paper used; the game goes on); the logged returns and the evaluation
+are whole games. Sticky actions are a flag.
 
 Usage:
     python soft_a2c_atari.py --env-id BreakoutNoFrameskip-v4 --objective proper --regularizer kl
@@ -112,8 +114,9 @@ class Args:
     """RMSprop epsilon"""
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5)"""
-    episodic_life: bool = False
-    """end training episodes (not the logged game episodes) at a life loss"""
+    episodic_life: bool = True
+    """end training episodes (not the logged games) at a life loss, the game going on (DeepMind's, as in
+    the paper's A2C); --no-episodic-life trains on whole games"""
     max_episode_frames: int = 108000
     """truncate episodes after this many frames (truncations still bootstrap)"""
     eval_frequency: int = 500000
@@ -196,7 +199,10 @@ def make_env(
         num_envs=num_envs,
         num_threads=min(num_envs, os.cpu_count() or 1),
         repeat_action_probability=0.25 if sticky else 0.0,
-        episodic_life=episodic_life,
+        # DeepMind's episodic life: a life loss is a termination but the game goes on. ale-py's own
+        # `episodic_life` resets the whole game at every life loss instead, so it is not used
+        episodic_life=False,
+        life_loss_info=episodic_life,
         reward_clipping=False,
         max_num_frames_per_episode=max_frames,
         noop_max=30,
@@ -606,8 +612,9 @@ if __name__ == "__main__":
         (global_step // args.checkpoint_frequency + 1) * args.checkpoint_frequency if args.checkpoint_frequency else 0
     )
     start_time = time.time()
-    obs, _ = envs.reset(seed=args.seed + start_step)
+    obs, reset_info = envs.reset(seed=args.seed + start_step)
     obs = torch.as_tensor(obs, device=device)
+    lives = reset_info["lives"]
     game_returns, game_lengths = np.zeros(N), np.zeros(N, dtype=np.int64)
     for iteration in range(start_iteration, num_updates + 1):
         if stop_signals or (args.stop_at is not None and global_step >= args.stop_at and global_step > start_step):
@@ -637,8 +644,12 @@ if __name__ == "__main__":
                     rollout["final_values"][step, torch.as_tensor(truncated, device=device)] = agent(final)[1]
             game_returns += reward
             game_lengths += 1
+            # a life loss (fewer lives, the game goes on) ends a training episode, not the logged game;
+            # at a game's end the same-step reset shows the new game's lives, no fewer than before
+            life_lost = terminated & (info["lives"] < lives) & args.episodic_life
+            lives = info["lives"]
             for i in np.flatnonzero(terminated | truncated):
-                if not args.episodic_life or info["lives"][i] == 0 or truncated[i]:
+                if truncated[i] or not life_lost[i]:
                     writer.add_scalar("charts/episodic_return", game_returns[i], global_step)
                     writer.add_scalar("charts/episodic_length", game_lengths[i], global_step)
                     game_returns[i], game_lengths[i] = 0.0, 0

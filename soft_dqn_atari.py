@@ -207,7 +207,10 @@ def make_env(
         num_envs=num_envs,
         num_threads=1,
         repeat_action_probability=0.25 if sticky else 0.0,
-        episodic_life=episodic_life,
+        # DeepMind's episodic life: a life loss is a termination but the game goes on. ale-py's own
+        # `episodic_life` resets the whole game at every life loss instead, so it is not used
+        episodic_life=False,
+        life_loss_info=episodic_life,
         reward_clipping=False,
         max_num_frames_per_episode=max_frames,
         noop_max=30,
@@ -714,14 +717,14 @@ if __name__ == "__main__":
         game_return += float(reward[0])
         game_length += 1
         obs = next_obs
-        if terminated[0] or truncated[0]:
-            # with episodic life, a life loss ends the training episode but not the game
-            if not args.episodic_life or info["lives"][0] == 0 or truncated[0]:
-                writer.add_scalar("charts/episodic_return", game_return, global_step)
-                writer.add_scalar("charts/episodic_length", game_length, global_step)
-                writer.add_scalar("charts/epsilon", epsilon, global_step)
-                game_return, game_length = 0.0, 0
+        if truncated[0] or (terminated[0] and (not args.episodic_life or info["lives"][0] == 0)):  # game over
+            writer.add_scalar("charts/episodic_return", game_return, global_step)
+            writer.add_scalar("charts/episodic_length", game_length, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            game_return, game_length = 0.0, 0
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
+            rb.start_episode(obs[0])
+        elif terminated[0]:  # --episodic-life: a life lost ends the training episode; the game goes on
             rb.start_episode(obs[0])
 
         if global_step >= learning_starts and global_step % args.train_frequency == 0:

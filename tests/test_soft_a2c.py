@@ -193,6 +193,29 @@ def test_hidden_units_stay_alive_on_breakout_at_the_defaults(workdir):
     assert dead < 0.75, f"{dead:.0%} of the hidden units never fire"
 
 
+def test_episodic_life_ends_a_training_episode_at_a_life_loss_and_the_game_goes_on(workdir):
+    """DeepMind's episodic life: each life lost is a termination, the game continues with one life
+    fewer, and the logged return and length are the whole game's. (ale-py's own `episodic_life`
+    restarts the game at every life lost: lives would read 5, 5, 5, ...)"""
+    env = sa.make_env("breakout", 1, 0, False, True)
+    env.reset(seed=0)
+    rng, lives_after = np.random.default_rng(0), []
+    while len(lives_after) < 5:
+        _, _, terminated, _, info = env.step(rng.integers(0, 4, 1))
+        if terminated[0]:
+            lives_after.append(int(info["lives"][0]))
+    assert lives_after == [4, 3, 2, 1, 5]  # same-step reset: the new game's 5 lives after the last one
+    flags = (
+        "--env-id BreakoutNoFrameskip-v4 --episodic-life --num-envs 4 --total-timesteps 4000 "
+        "--eval-frequency 4000 --eval-episodes 1 --max-episode-frames 4000 --seed 1"
+    )
+    proc = run_script("soft_a2c_atari.py", flags.split(), workdir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lengths = [v for _, v in read_scalars(workdir)["charts/episodic_length"]]
+    # a random Breakout game lasts about 150 agent steps, a single life about 30
+    assert len(lengths) >= 8 and min(lengths) > 60 and np.mean(lengths) > 100, lengths
+
+
 @pytest.mark.parametrize(
     "flags",
     [["--update", "pg", "--objective", "naive", "--save-model"], ["--update", "soft-q", "--regularizer", "entropy"]],

@@ -250,6 +250,33 @@ def test_synthetic_task_needs_a_working_target_network():
 # ---------------------------------------------------------------------------------------------
 # Plumbing: a real ALE game, bad input
 # ---------------------------------------------------------------------------------------------
+def test_episodic_life_ends_a_training_episode_at_a_life_loss_and_the_game_goes_on(workdir):
+    """DeepMind's episodic life: each life lost is a termination, the game continues with one life
+    fewer (the next step is an ordinary one, not a reset), and the logged game is the whole game.
+    (ale-py's own `episodic_life` restarts the game at every life lost.)"""
+    env = sd.make_env("breakout", 1, seed=0, sticky=False, episodic_life=True)
+    env.reset(seed=0)
+    rng, lives_after, frames_on = np.random.default_rng(0), [], []
+    while len(lives_after) < 5:
+        _, _, terminated, _, info = env.step(rng.integers(0, 4, 1))
+        if terminated[0]:
+            lives_after.append(int(info["lives"][0]))
+            before = int(info["episode_frame_number"][0])
+            _, _, _, _, info = env.step(np.zeros(1, dtype=np.int64))
+            frames_on.append(int(info["episode_frame_number"][0]) - before)
+    assert lives_after == [4, 3, 2, 1, 0]
+    assert frames_on[:4] == [4, 4, 4, 4]  # after a life lost: one more step of the same game
+    flags = (
+        "--env-id BreakoutNoFrameskip-v4 --episodic-life --total-timesteps 1500 --buffer-size 2000 "
+        "--learning-starts 1000 --eval-frequency 1500 --eval-episodes 1 --max-episode-frames 4000 --seed 1"
+    )
+    proc = run_script("soft_dqn_atari.py", flags.split(), workdir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lengths = [v for _, v in read_scalars(workdir)["charts/episodic_length"]]
+    # a random Breakout game lasts about 150 agent steps, a single life about 30
+    assert len(lengths) >= 5 and min(lengths) > 60 and np.mean(lengths) > 100, lengths
+
+
 def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
     flags = (
         "--env-id BreakoutNoFrameskip-v4 --total-timesteps 2000 --buffer-size 1000 --learning-starts 500 "
