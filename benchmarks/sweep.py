@@ -207,13 +207,14 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     if resume and "--stop-at" in run.args:
         resume += run.args[run.args.index("--stop-at") : run.args.index("--stop-at") + 2]
     cmd = [sys.executable, str(Path(root) / run.script), *(resume or run.args)]
-    start = time.time()
+    start, commit = time.time(), git_commit(Path(root))  # the code the run starts with, not the one it ends at
     # one line per piece of the run (a first part, each resume), so a run finished on another machine
     # than the one it started on says where each part ran and for how long
     segment = {
         "host": socket.gethostname(),
         "machine": machine_name(),
         "resumed_from": resume[1] if resume else None,
+        "commit": commit,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     with open(rundir / "log.txt", "w") as log:
@@ -235,9 +236,10 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> d
     scalars = read_events(event_dirs[-1])
     if resume:  # the time spent before the stop counts too, the hours it sat stopped do not
         wall = active_seconds(read_event_times(event_dirs[-1]))
-    meta = run_meta(run, scalars, git_commit(Path(root)), wall, usage.ru_maxrss / 1024)
+    meta = run_meta(run, scalars, commit, wall, usage.ru_maxrss / 1024)
     meta["resumed_from"] = resume[1] if resume else None
     meta["segments"] = [json.loads(line) for line in (rundir / "segments.jsonl").read_text().splitlines()]
+    meta["commit"] = meta["segments"][0].get("commit", commit)  # a resumed run: the commit it began at
     return {"rows": rows_from_events(scalars, run), "meta": meta}
 
 

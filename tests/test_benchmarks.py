@@ -240,6 +240,7 @@ def test_runner_resumes_a_run_stopped_part_way_from_its_checkpoint(tmp_path):
     pieces = result["meta"]["segments"]
     assert [p["resumed_from"] for p in pieces] == [None, result["meta"]["resumed_from"]]
     assert [p["exit"] for p in pieces] == [0, 0] and all(p["host"] and p["wall_s"] > 0 for p in pieces)
+    assert all(p["commit"] == result["meta"]["commit"] == sweep.git_commit() for p in pieces)
     assert "resumed" in (rundir / "log.txt").read_text()
     assert [row["step"] for row in result["rows"]] == [200, 400]  # 200 from the first part, 400 after the resume
     assert len(list((rundir / "runs").iterdir())) == 1  # one TensorBoard run, continued
