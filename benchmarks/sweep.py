@@ -67,6 +67,9 @@ class Run:
     args: list[str] = field(default_factory=list)
     cores: int = 1
     columns: dict[str, str] = field(default_factory=dict)  # CSV column -> TensorBoard tag
+    # added to a logged step to make the CSV's: 1 for scripts that log at the 0-based index of the
+    # step just done (the MuJoCo and DQN loops), 0 for those that log the count of steps (A2C)
+    step_offset: int = 1
 
     @property
     def run_id(self) -> str:
@@ -84,6 +87,7 @@ def load_suite(path: str | Path, root: Path = ROOT) -> tuple[str, list[Run]]:
     env_flags = spec.get("env_flags", "--env-id {env}")
     common = spec.get("flags", "")
     columns = dict(spec.get("columns", {}))
+    step_offset = int(spec.get("step_offset", 1))
     runs = []
     for variant in spec["variants"]:
         if "name" not in variant or "script" not in variant:
@@ -98,7 +102,9 @@ def load_suite(path: str | Path, root: Path = ROOT) -> tuple[str, list[Run]]:
                 args = shlex.split(text.replace("{root}", str(root)))
                 args += ["--seed", str(seed), "--exp-name", variant["name"]]
                 cores = int(variant.get("cores", spec.get("cores_per_run", 1)))
-                runs.append(Run(name, env, variant["name"], int(seed), variant["script"], args, cores, columns))
+                runs.append(
+                    Run(name, env, variant["name"], int(seed), variant["script"], args, cores, columns, step_offset)
+                )
     return name, runs
 
 
@@ -127,7 +133,13 @@ def rows_from_events(scalars: dict, run: Run) -> list[dict]:
     norm = dict(scalars.get("eval/normalized_score", []))
     rows, previous = [], -1
     for step, value in scalars.get("eval/episodic_return", []):
-        row = {"env_id": run.env, "variant": run.variant, "seed": run.seed, "step": step + 1, "eval_return": value}
+        row = {
+            "env_id": run.env,
+            "variant": run.variant,
+            "seed": run.seed,
+            "step": step + run.step_offset,
+            "eval_return": value,
+        }
         if norm:
             row["normalized_score"] = norm.get(step, float("nan"))
         for column, tag in run.columns.items():

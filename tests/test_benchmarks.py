@@ -66,6 +66,10 @@ def test_suite_columns_are_the_mean_of_a_tag_since_the_evaluation_before(tmp_pat
     # (1 + 3) / 2 up to the first evaluation, then (10 + 20) / 2, then 40 alone
     assert [r["train_return"] for r in rows] == [2.0, 15.0, 40.0]
     assert sweep.rows_from_events({"eval/episodic_return": [(99, 5.0)]}, run)[0]["train_return"] == ""
+    # a script that logs the count of steps done (A2C) rather than the 0-based index: step_offset = 0
+    counted = dataclasses.replace(run, step_offset=0)
+    assert [r["step"] for r in sweep.rows_from_events(scalars, counted)] == [99, 199, 299]
+    assert {r.step_offset for r in sweep.load_suite(SUITES / "atari-a2c.toml")[1]} == {0}
 
 
 def test_suite_with_a_missing_script_is_a_one_line_error(tmp_path):
