@@ -51,7 +51,8 @@ def atari_random(env: str) -> float | None:
 
 
 def load_runs(folder: str | Path) -> dict:
-    """{(env, variant, seed): {"step": array, "eval_return": array, "normalized_score": array or None}}"""
+    """{(env, variant, seed): {"step": array, "eval_return": array, "normalized_score": array or None,
+    "train_return": array or None}} (the training games' mean return since the evaluation before)"""
     runs = {}
     for path in sorted(Path(folder).glob("*.csv")):
         with open(path) as f:
@@ -60,10 +61,12 @@ def load_runs(folder: str | Path) -> dict:
             continue
         key = (rows[0]["env_id"], rows[0]["variant"], int(rows[0]["seed"]))
         norm = [float(r["normalized_score"]) for r in rows] if "normalized_score" in rows[0] else None
+        train = [float(r["train_return"] or "nan") for r in rows] if "train_return" in rows[0] else None
         runs[key] = {
             "step": np.array([int(r["step"]) for r in rows]),
             "eval_return": np.array([float(r["eval_return"]) for r in rows]),
             "normalized_score": None if norm is None else np.array(norm),
+            "train_return": None if train is None else np.array(train),
         }
     return runs
 
@@ -98,6 +101,10 @@ def normalized_final(run: dict, env: str) -> float | None:
     return 100.0 * (float(run["eval_return"][-1]) - low) / (high - low)
 
 
+def panel_xlabel(env: str) -> str:
+    return "agent steps (4 frames each)" if atari_random(env) is not None else "steps"
+
+
 def bootstrap_diff_ci(a, b, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """mean(b) - mean(a) and its 95% percentile-bootstrap interval, resampling the seeds of each
     side independently (the runs of two variants are not paired)."""
@@ -108,8 +115,10 @@ def bootstrap_diff_ci(a, b, reps: int = 2000, seed: int = 0) -> tuple[float, flo
 
 
 def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
-    """Per env with both variants: b - a of the final return and of the AUC, on the steps both have."""
+    """Per env with both variants: b - a of the final return and of the AUC, on the steps both have;
+    and of the training return (its last window, its mean) when the runs carry it."""
     lines = []
+    has_train = all(r["train_return"] is not None for r in runs.values())
     for env in envs:
         if not all(any(e == env and v == x for e, v, _ in runs) for x in (a, b)):
             continue
@@ -121,14 +130,21 @@ def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
         mb = mb[:, [steps_b.tolist().index(t) for t in common]]
         final = bootstrap_diff_ci(ma[:, -1], mb[:, -1])
         auc = bootstrap_diff_ci(ma.mean(1), mb.mean(1))
-        lines.append(f"| {env} | {len(ma)} / {len(mb)} | {common[-1]} | {fmt(*final)} | {fmt(*auc)} |")
+        row = f"| {env} | {len(ma)} / {len(mb)} | {common[-1]} | {fmt(*final)} | {fmt(*auc)} |"
+        if has_train:
+            (_, ta), (_, tb) = aligned(runs, env, a, "train_return"), aligned(runs, env, b, "train_return")
+            ta = ta[:, [steps_a.tolist().index(t) for t in common]]
+            tb = tb[:, [steps_b.tolist().index(t) for t in common]]
+            row += f" {fmt(*bootstrap_diff_ci(ta[:, -1], tb[:, -1]))} | {fmt(*bootstrap_diff_ci(ta.mean(1), tb.mean(1)))} |"
+        lines.append(row)
     if lines:
         lines = [
             "",
             f"{b} - {a} (difference of the means over seeds, 95% bootstrap CI, seeds resampled per variant):",
             "",
-            f"| env | seeds {a} / {b} | last step | final return | AUC |",
-            "| --- | --- | --- | --- | --- |",
+            f"| env | seeds {a} / {b} | last step | final return | AUC |"
+            + (" training return, last window | training return, mean |" if has_train else ""),
+            "| --- | --- | --- | --- | --- |" + (" --- | --- |" if has_train else ""),
             *lines,
         ]
     return lines
@@ -200,8 +216,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    trained = all(r.get("train_return") is not None for r in runs.values())  # Atari: the training games too
     cols = min(len(envs), 3)
-    rows_ = math.ceil(len(envs) / cols)
+    rows_ = math.ceil(len(envs) / cols) * (2 if trained else 1)
     fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4 * rows_), squeeze=False)
     colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
     scored = all(r["normalized_score"] is not None for r in runs.values())  # offline: D4RL-style scores too
@@ -234,12 +251,30 @@ def main(argv=None) -> int:
         if random_score is not None:
             ax.axhline(random_score, color="grey", linestyle="--", linewidth=1, label=f"random policy ({random_score})")
         ax.set_title(env)
-        ax.set_xlabel("agent steps (4 frames each)" if random_score is not None else "steps")
+        ax.set_xlabel(panel_xlabel(env))
         ax.set_ylabel("evaluation return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(envs) :]:
-        ax.axis("off")
+    if trained:  # the second half of the panels: the training games' return, many more games than the evaluations
+        for ax, env in zip(list(axes.flat)[len(axes.flat) // 2 :], envs):
+            for variant in variants:
+                if not any(e == env and v == variant for e, v, _ in runs):
+                    continue
+                steps, matrix = aligned(runs, env, variant, "train_return")
+                stats = np.array([bootstrap_ci(matrix[:, j]) for j in range(matrix.shape[1])])
+                ax.plot(steps, stats[:, 0], color=colours[variant], label=variant)
+                if len(matrix) > 1:
+                    ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colours[variant], alpha=0.2)
+            ax.set_title(f"{env}: training games")
+            ax.set_xlabel(panel_xlabel(env))
+            ax.set_ylabel("training return (mean since the evaluation before)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    used = len(envs) if not trained else None
+    for i, ax in enumerate(axes.flat):
+        half = len(axes.flat) // 2
+        if (used is not None and i >= used) or (used is None and (i % half) >= len(envs)):
+            ax.axis("off")
     fig.suptitle(opts.title or folder.name)
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)

@@ -141,6 +141,23 @@ def test_compare_tabulates_the_difference_of_two_variants_with_an_interval(tmp_p
         plot.main([str(tmp_path), "--compare", "pg-proper", "kl"])
 
 
+def test_training_return_column_is_plotted_and_compared_when_every_run_has_it(tmp_path):
+    """Atari CSVs carry the training games' return per evaluation window: a second row of panels,
+    and its last window and mean in the --compare table."""
+    for variant, scale in [("pg-proper", 1.0), ("soft-q", 2.0)]:
+        with open(tmp_path / f"BreakoutNoFrameskip-v4__{variant}__1.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["env_id", "variant", "seed", "step", "eval_return", "train_return"])
+            for step, frac in [(1000, 0.2), (2000, 0.6), (3000, 1.0)]:
+                w.writerow(["BreakoutNoFrameskip-v4", variant, 1, step, 10 * frac, scale * 10 * frac])
+    assert plot.main([str(tmp_path), "--compare", "pg-proper", "soft-q"]) == 0
+    table = (tmp_path / "results.md").read_text().split("soft-q - pg-proper", 1)[1]
+    assert "training return, last window | training return, mean |" in table
+    row = next(r for r in table.splitlines() if r.startswith("| BreakoutNoFrameskip-v4"))
+    # eval returns equal: 0 apart; training returns: 20 - 10 = 10 at the end, 12 - 6 = 6 on average
+    assert row.endswith("| 0.0 | 0.0 | 10.0 | 6.0 |"), row
+
+
 def test_atari_random_scores_are_found_from_the_env_id():
     assert plot.atari_random("BreakoutNoFrameskip-v4") == 1.7
     assert plot.atari_random("ALE/Pong-v5") == -20.7
