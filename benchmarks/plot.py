@@ -4,7 +4,9 @@
 
 writes into that folder:
     curves.png   one panel per env: the mean evaluation return over seeds at each evaluation, with
-                 a 95% bootstrap confidence band (over seeds), one colour per variant
+                 a 95% bootstrap confidence band (over seeds), one colour per variant; when the
+                 CSVs carry `train_return` (the Atari suites), a second row of panels with the
+                 training games' return, which averages many more games than an evaluation
     results.md   per env and variant: seeds, final return, and area under the curve, each as
                  mean and 95% bootstrap CI over seeds; and the interquartile mean (IQM) of the
                  final normalised score with its CI from rliable, for every variant that has at
