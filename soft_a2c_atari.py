@@ -33,8 +33,8 @@ after losing a life would never end).
 Atari: ale-py's C++ vector env (`AtariVectorEnv`) does DeepMind's preprocessing (no-op starts,
 frame skip 4 with max-pooling, 84x84 grayscale, 4-frame stack, fire on reset) in parallel threads,
 without OpenCV; it is the fast choice on a CPU. Training episodes end at a life loss (DeepMind's
-episodic life, as in the A2C the paper used; the game goes on); the logged returns and the evaluation
-are whole games. Sticky actions are a flag.
+episodic life, as OpenAI's A2C, CleanRL and SB3 train; the game goes on); the logged returns and the
+evaluation are whole games. Sticky actions are a flag.
 
 Usage:
     python soft_a2c_atari.py --env-id BreakoutNoFrameskip-v4 --objective proper --regularizer kl
@@ -115,8 +115,8 @@ class Args:
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5)"""
     episodic_life: bool = True
-    """end training episodes (not the logged games) at a life loss, the game going on (DeepMind's, as in
-    the paper's A2C); --no-episodic-life trains on whole games"""
+    """end training episodes (not the logged games) at a life loss, the game going on (DeepMind's, as
+    OpenAI's A2C and CleanRL train); --no-episodic-life trains on whole games"""
     max_episode_frames: int = 108000
     """truncate episodes after this many frames (truncations still bootstrap)"""
     eval_frequency: int = 500000
