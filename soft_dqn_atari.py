@@ -32,7 +32,8 @@ Atari: ale-py's C++ vector env (`AtariVectorEnv`), which does DeepMind's preproc
 (no-op starts, frame skip 4 with max-pooling, 84x84 grayscale, 4-frame stack, fire on reset) and
 needs no OpenCV, unlike gymnasium's AtariPreprocessing; it is also faster, since frames never
 cross into Python before they are 84x84. Sticky actions are off by default (the paper's setting;
-`--sticky-actions` uses ALE v5's 0.25), episodic life is a flag.
+`--sticky-actions` uses ALE v5's 0.25); a life lost ends a training episode (`--no-episodic-life`
+for whole games).
 
 Replay stores each frame once, not 4-frame stacks: an episode writes its reset stack, then one
 frame per step, and a transition keeps the index of its newest frame, so a stack is 4
@@ -116,8 +117,9 @@ class Args:
     """the frequency of training (env steps per gradient step)"""
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5); off in the paper's setting"""
-    episodic_life: bool = False
-    """end training episodes (not the logged game episodes) at a life loss"""
+    episodic_life: bool = True
+    """end training episodes (not the logged game episodes) at a life loss, as DeepMind and CleanRL do;
+    `--no-episodic-life` trains on whole games"""
     max_episode_frames: int = 108000
     """truncate episodes after this many frames (ALE's 30 minutes; truncations still bootstrap)"""
     eval_frequency: int = 250000
