@@ -726,7 +726,7 @@ if __name__ == "__main__":
             game_return, game_length = 0.0, 0
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
             rb.start_episode(obs[0])
-        elif terminated[0]:  # --episodic-life: a life lost ends the training episode; the game goes on
+        elif terminated[0]:  # episodic life (the default): a life lost ends the training episode; the game goes on
             rb.start_episode(obs[0])
 
         if global_step >= learning_starts and global_step % args.train_frequency == 0:
