@@ -438,8 +438,10 @@ def evaluate_policy(
     video_folder: str | None = None,
     max_frames: int = 108000,
     video_name: str = "eval",
-) -> np.ndarray:
-    """Game returns (unclipped, whole games) of epsilon-greedy episodes. With a video folder, the first
+) -> tuple[np.ndarray, np.ndarray]:
+    """Game returns (unclipped, whole games) of epsilon-greedy episodes, and their lengths in agent
+    steps. A greedy policy that never presses FIRE after a life lost waits, in Breakout, until an
+    epsilon action or the frame cap launches the ball: long games of low return. With a video folder, the first
     game is saved as `video_name`-episode-0.mp4 in colour: a twin env with the same seed, fed the
     same actions, shows the screen the network sees in 84x84 grey."""
     env = make_env(game, 1, seed, sticky, episodic_life=False, max_frames=max_frames)
@@ -447,16 +449,18 @@ def evaluate_policy(
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     frames = [twin.reset(seed=seed)[0][0, -1]] if twin else []
-    returns, ret = [], 0.0
+    returns, lengths, ret, length = [], [], 0.0, 0
     while len(returns) < n_episodes:
         action = act(q_network, obs, epsilon, False, 1.0, env.single_action_space.n, device, rng)
         obs, reward, terminated, truncated, _ = env.step(action)
         ret += float(reward[0])
+        length += 1
         if twin and not returns:
             frames.append(twin.step(action)[0][0, -1])
         if terminated[0] or truncated[0]:
             returns.append(ret)
-            ret = 0.0
+            lengths.append(length)
+            ret, length = 0.0, 0
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
     env.close()
     if twin:
@@ -464,7 +468,7 @@ def evaluate_policy(
         from gymnasium.utils.save_video import save_video
 
         save_video(frames, video_folder, fps=15, name_prefix=video_name)
-    return np.array(returns)
+    return np.array(returns), np.array(lengths)
 
 
 def evaluate(
@@ -493,7 +497,7 @@ def evaluate(
             f"error: {model_path} was trained on {saved['env_id']}, whose action set differs from {env_id}'s; "
             f"leave out the env id to use {saved['env_id']}"
         ) from None
-    return evaluate_policy(
+    returns, _ = evaluate_policy(
         q_network,
         game,
         eval_episodes,
@@ -504,6 +508,7 @@ def evaluate(
         video_folder,
         max_frames,
     )
+    return returns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,7 +755,7 @@ if __name__ == "__main__":
 
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
             video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
-            returns = evaluate_policy(
+            returns, lengths = evaluate_policy(
                 q_network,
                 game,
                 args.eval_episodes,
@@ -763,10 +768,11 @@ if __name__ == "__main__":
                 f"eval-step-{global_step + 1}",
             )
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            writer.add_scalar("eval/episodic_length", lengths.mean(), global_step)
             sps = int((global_step + 1 - start_step) / (time.time() - start_time))
             print(
                 f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
-                f"+- {returns.std():.1f}, epsilon {epsilon:.3f}, SPS {sps}",
+                f"+- {returns.std():.1f} ({lengths.mean():.0f} steps a game), epsilon {epsilon:.3f}, SPS {sps}",
                 flush=True,
             )
 

@@ -277,6 +277,21 @@ def test_episodic_life_ends_a_training_episode_at_a_life_loss_and_the_game_goes_
     assert len(lengths) >= 5 and min(lengths) > 60 and np.mean(lengths) > 100, lengths
 
 
+def test_evaluation_lengths_show_a_greedy_policy_that_never_fires():
+    """Evaluation plays whole games, so after a life lost only the policy can press FIRE. A network
+    whose greedy action is NOOP (all weights 0: argmax of ties) never launches the ball again, and
+    every game runs to the frame cap (2000 frames = 500 agent steps); a uniform policy fires and its
+    games end sooner."""
+    q_network = sd.QNetwork(4)
+    for p in q_network.parameters():
+        torch.nn.init.zeros_(p)
+    cpu = torch.device("cpu")
+    returns, lengths = sd.evaluate_policy(q_network, "breakout", 2, 0.0, 0, cpu, max_frames=2000)
+    assert list(lengths) == [500, 500] and list(returns) == [0.0, 0.0]
+    returns, lengths = sd.evaluate_policy(q_network, "breakout", 3, 1.0, 0, cpu, max_frames=2000)
+    assert len(lengths) == 3 and max(lengths) < 500, lengths
+
+
 def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
     flags = (
         "--env-id BreakoutNoFrameskip-v4 --total-timesteps 2000 --buffer-size 1000 --learning-starts 500 "
@@ -293,6 +308,7 @@ def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
         "losses/td_loss",
         "losses/q_values",
         "eval/episodic_return",
+        "eval/episodic_length",
         "eval/reloaded_episodic_return",
     ]:
         assert scalars.get(tag), f"{tag} was not logged"
