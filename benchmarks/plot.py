@@ -10,8 +10,8 @@ writes into that folder:
     results.md   per env and variant: seeds, final return, and area under the curve, each as
                  mean and 95% bootstrap CI over seeds; and the interquartile mean (IQM) of the
                  final normalised score with its CI from rliable, for every variant that has at
-                 least 5 runs across the suite's envs; with --compare A B, the difference
-                 B - A of final return and AUC per env, with a 95% bootstrap CI
+                 least 5 runs across the suite's envs; with --compare A B (repeatable), the
+                 difference B - A of final return and AUC per env, with a 95% bootstrap CI
 
 On Atari panels a dashed line marks the uniform-random policy's score (Mnih et al. 2015's table),
 so that a curve which never leaves it is visible as such; steps there are agent steps of 4 frames.
@@ -199,7 +199,12 @@ def main(argv=None) -> int:
     parser.add_argument("folder", help="a results/<suite> folder of per-run CSVs")
     parser.add_argument("--title", default=None, help="figure title (default: the folder's name)")
     parser.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), default=None, help="also tabulate variant B minus variant A per env"
+        "--compare",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        default=[],
+        help="also tabulate variant B minus variant A per env; give it once per pair to keep several tables",
     )
     opts = parser.parse_args(argv)
     folder = Path(opts.folder)
@@ -208,8 +213,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: no run CSVs in {folder}; run benchmarks/sweep.py first")
     envs = sorted({e for e, _, _ in runs})
     variants = list(dict.fromkeys(v for _, v, _ in sorted(runs, key=lambda k: k[1])))
-    if opts.compare:
-        missing = [v for v in opts.compare if v not in variants]
+    for pair in opts.compare:
+        missing = [v for v in pair if v not in variants]
         if missing:
             raise SystemExit(f"error: --compare: no runs of {missing} in {folder}; its variants are {variants}")
 
@@ -281,8 +286,8 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
     table += iqm_rows(runs, envs, variants)
-    if opts.compare:
-        table += compare_rows(runs, envs, *opts.compare)
+    for pair in opts.compare:
+        table += compare_rows(runs, envs, *pair)
     (folder / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(f"wrote {folder / 'curves.png'} and {folder / 'results.md'}")

@@ -139,6 +139,12 @@ def test_compare_tabulates_the_difference_of_two_variants_with_an_interval(tmp_p
     assert cells[4].startswith("-4.2 [")
     with pytest.raises(SystemExit, match="no runs of \\['kl'\\]"):
         plot.main([str(tmp_path), "--compare", "pg-proper", "kl"])
+    # given twice, both tables are kept, each with its own sign
+    assert plot.main([str(tmp_path), "--compare", "pg-proper", "soft-q", "--compare", "soft-q", "pg-proper"]) == 0
+    tables = (tmp_path / "results.md").read_text()
+    assert (
+        "soft-q - pg-proper" in tables and "| 2 / 2 | 3000 | 7.0 [4.0, 10.0] |" in tables.split("pg-proper - soft-q")[1]
+    )
 
 
 def test_training_return_column_is_plotted_and_compared_when_every_run_has_it(tmp_path):
