@@ -385,14 +385,29 @@ def nstep_target(rewards, dones, ends, q_next, gamma: float, tau: float, target:
     return y + (discounts[1:] * boot * soft_value(q_next, tau, target)).sum(1)
 
 
+@torch.no_grad()
+def target_q_next(target_network: QNetwork, next_obs: torch.Tensor, ends: torch.Tensor, target: str) -> torch.Tensor:
+    """Q_bar(s_{t+k+1}) for k < n, (B, n, |A|), as nstep_target takes it. The hard target has no
+    regulariser, so only its bootstrap state s_{t+j} is evaluated and the other rows, which
+    nstep_target masks, are left 0: n times fewer forward passes."""
+    B, n = ends.shape
+    if target != "hard" or n == 1:
+        return target_network(next_obs.flatten(0, 1)).view(B, n, -1)
+    j = torch.where(ends.any(1), ends.int().argmax(1), n - 1)  # the first end in the window, else its last step
+    rows = torch.arange(B, device=ends.device)
+    q_boot = target_network(next_obs[rows, j])
+    q_next = q_boot.new_zeros(B, n, q_boot.shape[-1])
+    q_next[rows, j] = q_boot
+    return q_next
+
+
 def train_step(
     q_network: QNetwork, target_network: QNetwork, optimizer, batch: dict, gamma: float, tau: float, target: str
 ) -> dict:
     """One gradient step on the squared error between Q(s_t, a_t) and the n-step target. Batch: tensors as
     FrameReplayBuffer.sample returns them (obs uint8, next_obs (B,n,4,84,84))."""
-    B, n = batch["rewards"].shape
     with torch.no_grad():
-        q_next = target_network(batch["next_obs"].flatten(0, 1)).view(B, n, -1)
+        q_next = target_q_next(target_network, batch["next_obs"], batch["ends"], target)
         y = nstep_target(batch["rewards"], batch["dones"], batch["ends"], q_next, gamma, tau, target)
     q = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
     loss = F.mse_loss(q, y)

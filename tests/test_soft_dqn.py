@@ -132,6 +132,28 @@ def test_nstep_termination_example_written_out():
     assert y.item() == pytest.approx(1.0 + 0.5 * 2.0 + 0.25 * 100.0)
 
 
+@pytest.mark.parametrize("target", ["hard", "kl"])
+def test_target_q_next_gives_the_full_forwards_target(target):
+    """The hard n-step target evaluates Q_bar only at each window's bootstrap state; the target it
+    gives equals the one from Q_bar at every next state, ends and terminations included."""
+    torch.manual_seed(0)
+    B, n = 64, 5
+    net = sd.QNetwork(4)
+    next_obs = torch.randint(0, 256, (B, n, 4, 84, 84), dtype=torch.uint8)
+    ends = (torch.rand(B, n) < 0.15).double()
+    dones = ends * (torch.rand(B, n) < 0.5).double()
+    rewards = torch.randn(B, n, dtype=torch.float64)
+    assert 0 < ends.any(1).sum() < B and dones.sum() > 0
+    with torch.no_grad():
+        full = net(next_obs.flatten(0, 1)).view(B, n, -1).double()
+        fast = sd.target_q_next(net, next_obs, ends, target).double()
+    y_full = sd.nstep_target(rewards, dones, ends, full, 0.99, 0.1, target)
+    y_fast = sd.nstep_target(rewards, dones, ends, fast, 0.99, 0.1, target)
+    torch.testing.assert_close(y_fast, y_full, rtol=1e-5, atol=1e-5)
+    if target == "hard":
+        assert (fast == 0).all(-1).sum() >= B * (n - 1)  # one evaluated state per window
+
+
 # ---------------------------------------------------------------------------------------------
 # Replay: stacks rebuilt from single frames equal what the agent observed
 # ---------------------------------------------------------------------------------------------
