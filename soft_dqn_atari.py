@@ -387,8 +387,8 @@ def nstep_target(rewards, dones, ends, q_next, gamma: float, tau: float, target:
 
 @torch.no_grad()
 def target_q_next(target_network: QNetwork, next_obs: torch.Tensor, ends: torch.Tensor, target: str) -> torch.Tensor:
-    """Q_bar(s_{t+k+1}) for k < n, (B, n, |A|), as nstep_target takes it. The hard target has no
-    regulariser, so only its bootstrap state s_{t+j} is evaluated and the other rows, which
+    """Q_bar(s_{t+k+1}) for k < n, (B, n, |A|), as nstep_target takes it (Eq. 46). The hard target has
+    no regulariser (e = 0), so only its bootstrap state s_{t+j} is evaluated and the other rows, which
     nstep_target masks, are left 0: n times fewer forward passes."""
     B, n = ends.shape
     if target != "hard" or n == 1:
