@@ -3,15 +3,23 @@
     python benchmarks/plot.py results/mujoco
 
 writes into that folder:
-    curves.png   one panel per env: the mean evaluation return over seeds at each evaluation, with
-                 a 95% bootstrap confidence band (over seeds), one colour per variant; when the
-                 CSVs carry `train_return` (the Atari suites), a second row of panels with the
-                 training games' return, which averages many more games than an evaluation
-    results.md   per env and variant: seeds, final return, and area under the curve, each as
-                 mean and 95% bootstrap CI over seeds; and the interquartile mean (IQM) of the
-                 final normalised score with its CI from rliable, for every variant that has at
-                 least 5 runs across the suite's envs; with --compare A B (repeatable), the
-                 difference B - A of final return and AUC per env, with a 95% bootstrap CI
+    curves.png   one panel per env: the mean evaluation return over seeds at each evaluation, one
+                 colour per variant, with a band that the legend names: the range over seeds
+                 (lowest to highest) when a variant has fewer than 5 seeds, else the 95% bootstrap
+                 interval of the mean; when the CSVs carry `train_return` (the Atari suites), a
+                 second row of panels with the training games' return
+    results.md   per env and variant: seeds, final return, area under the curve and the final
+                 return of each seed; the interquartile mean (IQM) of the final normalised score
+                 with rliable's stratified-bootstrap interval, for every variant with at least 5
+                 runs across the suite's envs; with --compare A B (repeatable), the difference
+                 B - A of the final return and the AUC per env
+
+Intervals say what they are. With fewer than 5 seeds a percentile bootstrap of the mean cannot
+give more than the seeds' own range (with 3 seeds it gives exactly [lowest, highest]), so such
+cells show the mean and the range, written "mean (lowest to highest)"; from 5 seeds on they show
+the 95% percentile-bootstrap interval of the mean, written "mean [low, high]". A difference of two
+variants with fewer than 5 seeds a side shows the range over all pairs of seeds. Every bootstrap
+is seeded, so the same CSVs give the same results.md byte for byte.
 
 On Atari panels a dashed line marks the uniform-random policy's score (Mnih et al. 2015's table),
 so that a curve which never leaves it is visible as such; steps there are agent steps of 4 frames.
@@ -73,6 +81,27 @@ def load_runs(folder: str | Path) -> dict:
     return runs
 
 
+MIN_BOOTSTRAP_SEEDS = 5  # below this, a cell shows the seeds' range instead of a bootstrap interval
+
+
+def summary(values) -> tuple[float, float, float, str]:
+    """(mean, low, high, kind) of per-seed values: kind "ci" is the 95% bootstrap interval of the mean
+    (MIN_BOOTSTRAP_SEEDS seeds or more), kind "range" the lowest and highest seed."""
+    values = np.asarray(values, dtype=float)
+    if len(values) >= MIN_BOOTSTRAP_SEEDS:
+        return (*bootstrap_ci(values), "ci")
+    return float(values.mean()), float(values.min()), float(values.max()), "range"
+
+
+def diff_summary(a, b) -> tuple[float, float, float, str]:
+    """mean(b) - mean(a) with the bootstrap interval (MIN_BOOTSTRAP_SEEDS seeds a side or more), else
+    the range over all pairs of seeds, [min(b) - max(a), max(b) - min(a)]."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(a), len(b)) >= MIN_BOOTSTRAP_SEEDS:
+        return (*bootstrap_diff_ci(a, b), "ci")
+    return float(b.mean() - a.mean()), float(b.min() - a.max()), float(b.max() - a.min()), "range"
+
+
 def bootstrap_ci(values, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean and the 95% percentile-bootstrap interval of the mean of `values` (seeds as samples).
     With one value the interval is that value."""
@@ -87,7 +116,7 @@ def bootstrap_ci(values, reps: int = 2000, seed: int = 0) -> tuple[float, float,
 
 def aligned(runs: dict, env: str, variant: str, key: str = "eval_return"):
     """(steps, matrix seeds x evaluations) on the evaluation steps that every seed has."""
-    curves = {s: r for (e, v, s), r in runs.items() if e == env and v == variant}
+    curves = {s: r for (e, v, s), r in sorted(runs.items(), key=lambda kv: kv[0][2]) if e == env and v == variant}
     steps = sorted(set.intersection(*(set(r["step"].tolist()) for r in curves.values())))
     matrix = np.array([[dict(zip(r["step"].tolist(), r[key]))[t] for t in steps] for r in curves.values()])
     return np.array(steps), matrix
@@ -130,19 +159,20 @@ def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
             continue
         ma = ma[:, [steps_a.tolist().index(t) for t in common]]
         mb = mb[:, [steps_b.tolist().index(t) for t in common]]
-        final = bootstrap_diff_ci(ma[:, -1], mb[:, -1])
-        auc = bootstrap_diff_ci(ma.mean(1), mb.mean(1))
+        final = diff_summary(ma[:, -1], mb[:, -1])
+        auc = diff_summary(ma.mean(1), mb.mean(1))
         row = f"| {env} | {len(ma)} / {len(mb)} | {common[-1]} | {fmt(*final)} | {fmt(*auc)} |"
         if has_train:
             (_, ta), (_, tb) = aligned(runs, env, a, "train_return"), aligned(runs, env, b, "train_return")
             ta = ta[:, [steps_a.tolist().index(t) for t in common]]
             tb = tb[:, [steps_b.tolist().index(t) for t in common]]
-            row += f" {fmt(*bootstrap_diff_ci(ta[:, -1], tb[:, -1]))} | {fmt(*bootstrap_diff_ci(ta.mean(1), tb.mean(1)))} |"
+            row += f" {fmt(*diff_summary(ta[:, -1], tb[:, -1]))} | {fmt(*diff_summary(ta.mean(1), tb.mean(1)))} |"
         lines.append(row)
     if lines:
         lines = [
             "",
-            f"{b} - {a} (difference of the means over seeds, 95% bootstrap CI, seeds resampled per variant):",
+            f"{b} - {a}: the difference of the means over seeds; (x to y): the range over all pairs of seeds "
+            f"(fewer than {MIN_BOOTSTRAP_SEEDS} seeds a side); [x, y]: 95% bootstrap interval, seeds resampled per variant:",
             "",
             f"| env | seeds {a} / {b} | last step | final return | AUC |"
             + (" training return, last window | training return, mean |" if has_train else ""),
@@ -152,9 +182,12 @@ def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
     return lines
 
 
-def fmt(mean: float, lo: float, hi: float) -> str:
+def fmt(mean: float, lo: float, hi: float, kind: str = "ci") -> str:
+    """ "mean [low, high]" for a bootstrap interval, "mean (lowest to highest)" for a range over seeds."""
     if lo == hi:
         return f"{mean:.1f}"
+    if kind == "range":
+        return f"{mean:.1f} ({lo:.1f} to {hi:.1f})"
     return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
@@ -177,21 +210,37 @@ def iqm_rows(runs: dict, envs: list[str], variants: list[str]) -> list[str]:
         from rliable import metrics
 
         matrix = np.array([per_env[env][:n] for env in sorted(per_env)]).T
+        state = np.random.get_state()
+        np.random.seed(0)  # rliable resamples with NumPy's global generator: seeded, the same CSVs give the same table
         point, interval = rly.get_interval_estimates(
             {variant: matrix}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000
         )
+        np.random.set_state(state)
         lo, hi = interval[variant][:, 0]
-        lines.append(f"| {variant} | {n} x {len(per_env)} | {point[variant][0]:.1f} [{lo:.1f}, {hi:.1f}] |")
+        ci = f"[{lo:.1f}, {hi:.1f}]" if n >= MIN_BOOTSTRAP_SEEDS else f"none: {n} seeds an env"
+        lines.append(f"| {variant} | {n} x {len(per_env)} | {point[variant][0]:.1f} | {ci} |")
     if lines:
         lines = [
             "",
-            "IQM of the final normalised score (rliable, 95% stratified bootstrap CI):",
+            "IQM of the final normalised score (rliable), with its 95% stratified bootstrap interval where every "
+            f"env has at least {MIN_BOOTSTRAP_SEEDS} seeds:",
             "",
-            "| variant | runs x envs | IQM [95% CI] |",
-            "| --- | --- | --- |",
+            "| variant | runs x envs | IQM | 95% CI |",
+            "| --- | --- | --- | --- |",
             *lines,
         ]
     return lines
+
+
+def plot_band(ax, steps, matrix, colour, variant: str) -> None:
+    """The mean over seeds (rows of `matrix`) and a band that the legend names: the range over seeds
+    below MIN_BOOTSTRAP_SEEDS seeds, else the 95% bootstrap interval of the mean."""
+    stats = np.array([summary(matrix[:, j])[:3] for j in range(matrix.shape[1])])
+    n = len(matrix)
+    band = "" if n == 1 else ", band: range of seeds" if n < MIN_BOOTSTRAP_SEEDS else ", band: 95% bootstrap CI"
+    ax.plot(steps, stats[:, 0], color=colour, label=f"{variant} ({n} seed{'s' if n > 1 else ''}{band})")
+    if n > 1:
+        ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colour, alpha=0.2)
 
 
 def main(argv=None) -> int:
@@ -232,28 +281,27 @@ def main(argv=None) -> int:
     table = [
         f"# Results: {folder.name}",
         "",
-        "Mean over seeds [95% bootstrap CI]. Final: the last evaluation. AUC: the mean of all evaluations."
+        f"Mean over seeds, then (lowest to highest seed) for cells of fewer than {MIN_BOOTSTRAP_SEEDS} seeds, or "
+        "[95% bootstrap interval of the mean] for more. Final: the last evaluation. AUC: the mean of all "
+        "evaluations."
         + (" Score: the final normalised score, 100 (R - R_random) / (R_expert - R_random)." if scored else ""),
         "",
-        "| env | variant | seeds | last step | final return | AUC |" + (" final score |" if scored else ""),
-        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if scored else ""),
+        "| env | variant | seeds | last step | final return | AUC |"
+        + (" final score |" if scored else "")
+        + " final return per seed |",
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if scored else "") + " --- |",
     ]
     for ax, env in zip(axes.flat, envs):
         for variant in variants:
             if not any(e == env and v == variant for e, v, _ in runs):
                 continue
             steps, matrix = aligned(runs, env, variant)
-            stats = np.array([bootstrap_ci(matrix[:, j]) for j in range(matrix.shape[1])])
-            label = f"{variant} ({len(matrix)} seed{'s' if len(matrix) > 1 else ''})"
-            ax.plot(steps, stats[:, 0], color=colours[variant], label=label)
-            if len(matrix) > 1:
-                ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colours[variant], alpha=0.2)
-            final = bootstrap_ci(matrix[:, -1])
-            auc = bootstrap_ci(matrix.mean(1))
+            plot_band(ax, steps, matrix, colours[variant], variant)
+            final, auc = summary(matrix[:, -1]), summary(matrix.mean(1))
             row = f"| {env} | {variant} | {len(matrix)} | {steps[-1]} | {fmt(*final)} | {fmt(*auc)} |"
             if scored:
-                row += f" {fmt(*bootstrap_ci(aligned(runs, env, variant, 'normalized_score')[1][:, -1]))} |"
-            table.append(row)
+                row += f" {fmt(*summary(aligned(runs, env, variant, 'normalized_score')[1][:, -1]))} |"
+            table.append(row + " " + " / ".join(f"{x:.1f}" for x in matrix[:, -1]) + " |")
         random_score = atari_random(env)
         if random_score is not None:
             ax.axhline(random_score, color="grey", linestyle="--", linewidth=1, label=f"random policy ({random_score})")
@@ -268,10 +316,7 @@ def main(argv=None) -> int:
                 if not any(e == env and v == variant for e, v, _ in runs):
                     continue
                 steps, matrix = aligned(runs, env, variant, "train_return")
-                stats = np.array([bootstrap_ci(matrix[:, j]) for j in range(matrix.shape[1])])
-                ax.plot(steps, stats[:, 0], color=colours[variant], label=variant)
-                if len(matrix) > 1:
-                    ax.fill_between(steps, stats[:, 1], stats[:, 2], color=colours[variant], alpha=0.2)
+                plot_band(ax, steps, matrix, colours[variant], variant)
             ax.set_title(f"{env}: training games")
             ax.set_xlabel(panel_xlabel(env))
             ax.set_ylabel("training return (mean since the evaluation before)")

@@ -113,11 +113,12 @@ def test_plot_table_and_iqm_on_hand_made_runs(tmp_path):
         write_fake_run(tmp_path, "Hopper-v5", "B", seed, 500.0)
     assert plot.main([str(tmp_path)]) == 0
     table = (tmp_path / "results.md").read_text()
-    assert "| Hopper-v5 | A | 5 | 3000 | 1300.0 [" in table
+    assert "| Hopper-v5 | A | 5 | 3000 | 1300.0 [" in table  # 5 seeds: a bootstrap interval
+    assert "| 1100.0 / 1200.0 / 1300.0 / 1400.0 / 1500.0 |" in table  # each seed's final return, in seed order
     assert "| Hopper-v5 | B | 5 | 3000 | 500.0 | 300.0 |" in table  # identical seeds: no interval to show
     iqm = table.split("IQM", 1)[1]
     assert "| A | 5 x 2 |" in iqm
-    assert "| B | 5 x 1 | 16.0 [16.0, 16.0] |" in iqm  # 100*(500 + 20.27)/(3234.3 + 20.27) = 15.99
+    assert "| B | 5 x 1 | 16.0 | [16.0, 16.0] |" in iqm  # 100*(500 + 20.27)/(3234.3 + 20.27) = 15.99
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "final score" not in table  # online runs log no normalised score
 
@@ -133,17 +134,18 @@ def test_compare_tabulates_the_difference_of_two_variants_with_an_interval(tmp_p
     row = next(r for r in table.splitlines() if r.startswith("| PongNoFrameskip-v4"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:3] == ["2 / 2", "3000"]
-    # final: 5 - 12 = -7; the interval spans the resampled extremes, 4 - 14 = -10 and 6 - 10 = -4
-    assert cells[3] == "-7.0 [-10.0, -4.0]"
-    # AUC: the mean of 0.2, 0.6, 1.0 times the final, 0.6 * -7 = -4.2
-    assert cells[4].startswith("-4.2 [")
+    # final: 5 - 12 = -7; 2 seeds a side: the range over pairs of seeds, 4 - 14 = -10 to 6 - 10 = -4
+    assert cells[3] == "-7.0 (-10.0 to -4.0)"
+    # AUC: the mean of 0.2, 0.6, 1.0 times the final, 0.6 * -7 = -4.2, range 0.6 * (-10, -4)
+    assert cells[4] == "-4.2 (-6.0 to -2.4)"
     with pytest.raises(SystemExit, match="no runs of \\['kl'\\]"):
         plot.main([str(tmp_path), "--compare", "pg-proper", "kl"])
     # given twice, both tables are kept, each with its own sign
     assert plot.main([str(tmp_path), "--compare", "pg-proper", "soft-q", "--compare", "soft-q", "pg-proper"]) == 0
     tables = (tmp_path / "results.md").read_text()
     assert (
-        "soft-q - pg-proper" in tables and "| 2 / 2 | 3000 | 7.0 [4.0, 10.0] |" in tables.split("pg-proper - soft-q")[1]
+        "soft-q - pg-proper" in tables
+        and "| 2 / 2 | 3000 | 7.0 (4.0 to 10.0) |" in tables.split("pg-proper - soft-q")[1]
     )
 
 
@@ -175,7 +177,30 @@ def test_offline_table_gives_the_final_normalised_score(tmp_path):
         write_fake_run(tmp_path, "hopper-medium", "X-QL", seed, 400.0, score)
     assert plot.main([str(tmp_path)]) == 0
     row = next(r for r in (tmp_path / "results.md").read_text().splitlines() if r.startswith("| hopper-medium"))
-    assert row.startswith("| hopper-medium | X-QL | 3 | 3000 | 400.0 | 240.0 | 20.0 [")
+    # 3 seeds: the range of the seeds, never a "95% interval" (a bootstrap of 3 gives [lowest, highest])
+    assert row == "| hopper-medium | X-QL | 3 | 3000 | 400.0 | 240.0 | 20.0 (10.0 to 30.0) | 400.0 / 400.0 / 400.0 |"
+    assert "lowest to highest seed" in (tmp_path / "results.md").read_text()
+    for seed, score in [(1, 12.0), (2, 18.0), (3, 25.0)]:  # 2 envs x 3 seeds: an IQM, but no interval
+        write_fake_run(tmp_path, "hopper-replay", "X-QL", seed, 300.0, score)
+    assert plot.main([str(tmp_path)]) == 0
+    assert "| X-QL | 3 x 2 |" in (tmp_path / "results.md").read_text()
+    assert "| none: 3 seeds an env |" in (tmp_path / "results.md").read_text()
+
+
+def test_summary_uses_the_range_below_five_seeds_and_a_seeded_bootstrap_from_five(tmp_path):
+    assert plot.summary([1.0, 5.0, 3.0]) == (3.0, 1.0, 5.0, "range")
+    mean, lo, hi, kind = plot.summary([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert kind == "ci" and mean == 4.0 and 1.0 < lo < mean < hi < 10.0
+    assert plot.diff_summary([1.0, 2.0], [5.0, 9.0]) == (5.5, 3.0, 8.0, "range")
+    # the same CSVs give the same results.md byte for byte (the IQM's bootstrap is seeded too)
+    for seed in range(1, 6):
+        write_fake_run(tmp_path, "hopper-medium", "X-QL", seed, 400.0 + 37 * seed, 10.0 + 3 * seed)
+        write_fake_run(tmp_path, "hopper-replay", "X-QL", seed, 300.0 + 11 * seed**2, 5.0 + seed**2)
+    assert plot.main([str(tmp_path)]) == 0
+    first = (tmp_path / "results.md").read_bytes()
+    assert b"| X-QL | 5 x 2 |" in first and b"none:" not in first
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_bytes() == first
 
 
 def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
