@@ -126,6 +126,7 @@ class Args:
     eval_episodes: int = 10
     """the number of episodes of each evaluation"""
     log_frequency: int = 1000
+    """log losses and SPS every this many gradient steps"""
     checkpoint_frequency: int = 0
     """write runs/{run_name}/checkpoint.pt every this many gradient steps and at the end (0: only when stopped
     by SIGTERM or SIGINT): networks, optimizers, the learning-rate schedule and random states; the
@@ -139,7 +140,6 @@ class Args:
     eval_model: str | None = None
     """evaluate this saved model or checkpoint (env and sizes come from the file) for --eval-episodes
     episodes, with --capture-video if given, and exit"""
-    """log losses and SPS every this many gradient steps"""
 
 
 # D4RL's reference returns (d4rl/infos.py): (random, expert) -> normalised scores 0 and 100
@@ -365,6 +365,13 @@ def load_dataset(spec: str) -> dict:
         f"error: --dataset {spec!r} is neither an .hdf5 file, a D4RL locomotion name like "
         "hopper-medium-v2, nor a Minari id like mujoco/hopper/medium-v0"
     )
+
+
+def dataset_name(spec: str) -> str:
+    """The dataset's name in run names: a file's name without folder or extension, a Minari id with '-'."""
+    if spec.endswith((".hdf5", ".h5")) or os.path.isfile(spec):
+        return os.path.splitext(os.path.basename(spec))[0]
+    return spec.replace("/", "-")
 
 
 def check_video_prerequisites(env_id: str) -> None:
@@ -668,7 +675,7 @@ if __name__ == "__main__":
     if checkpoint:
         run_name = checkpoint["run_name"]
     else:
-        run_name = f"{args.dataset.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = f"{dataset_name(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     video_folder, minari_dataset = f"videos/{run_name}", info.get("eval_env")
     if args.capture_video and env_id is not None:
         check_video_prerequisites(env_id)

@@ -447,3 +447,36 @@ def test_reward_scale_flag_replaces_the_derived_scale(tmp_path, workdir):
     proc = run_script("xql_offline.py", flags, workdir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split("reward scale ")[1].split(";")[0]) == 0.25
+
+
+def test_run_names_carry_the_dataset_name_without_folder_or_extension(tmp_path):
+    (tmp_path / "mix.hdf5").write_bytes(b"")
+    assert xo.dataset_name(str(tmp_path / "mix.hdf5")) == "mix"
+    assert xo.dataset_name("data/hopper-good-noisy-random.hdf5") == "hopper-good-noisy-random"
+    assert xo.dataset_name("hopper-medium-replay-v2") == "hopper-medium-replay-v2"
+    assert xo.dataset_name("mujoco/hopper/medium-v0") == "mujoco-hopper-medium-v0"
+
+
+def test_dataset_tool_writes_into_a_folder_it_creates(tmp_path):
+    data = mk.episodes_to_d4rl(mk.rollout("Pendulum-v1", "random", episodes=1, seed=0))
+    mk.write_hdf5(str(tmp_path / "data" / "r.hdf5"), data, "Pendulum-v1")
+    assert mk.read_hdf5(str(tmp_path / "data" / "r.hdf5"))[1]["env_id"] == "Pendulum-v1"
+
+
+@pytest.mark.parametrize("script", ["iq_continuous", "miq_continuous"])
+def test_dataset_tool_rolls_out_the_mode_of_an_iq_policy(tmp_path, script):
+    """`--policy checkpoint:FILE` takes IQ / M-IQ runs too: the policy's mode, mapped to the env's bins."""
+    import gymnasium as gym
+
+    module = __import__(script)
+    env = gym.make("Pendulum-v1")
+    policy = module.make_policy("multicategorical", 3, env.action_space.low, env.action_space.high, 5)
+    args = {"policy": "multicategorical", "n_bins": 5, "env_id": "Pendulum-v1"}
+    if script == "miq_continuous":
+        args["alpha"] = 0.9
+    torch.save({"args": args, "policy": policy.state_dict()}, tmp_path / "m.cleanrl_model")
+    act = mk.checkpoint_policy(str(tmp_path / "m.cleanrl_model"), env)
+    obs = np.array([1.0, 0.0, 0.5], dtype=np.float32)
+    expected = policy.to_env(policy.mode(torch.as_tensor(obs)[None]))[0].numpy()
+    np.testing.assert_allclose(act(obs), expected)
+    assert act(obs)[0] in (-2.0, -1.0, 0.0, 1.0, 2.0)

@@ -10,7 +10,8 @@ and/or a local Minari dataset, ready for `xql_offline.py --dataset ...`.
     # your own policy: any importable function obs -> action
     python tools/make_offline_dataset.py --env-id Hopper-v5 --policy mypackage.policies:act --steps 100000 \\
         --out hopper-mine.hdf5
-    # a policy trained by xql_sac.py or xql_td3.py: the actor's mean action, from a checkpoint or saved model
+    # a policy trained by xql_sac.py, xql_td3.py, iq_continuous.py or miq_continuous.py (the mean or
+    # mode action), from a checkpoint or saved model
     python tools/make_offline_dataset.py --env-id Hopper-v5 --policy checkpoint:runs/RUN/checkpoint.pt --steps 100000 \
         --noise 0.1 --out hopper-medium.hdf5
     # the replay buffer of such a run, as D4RL's medium-replay is: every transition the agent saw while learning
@@ -53,7 +54,8 @@ def pendulum_expert(obs: np.ndarray) -> np.ndarray:
 
 
 def load_run(path: str) -> tuple:
-    """A checkpoint or --save-model file of xql_sac.py or xql_td3.py: (its contents, the script's module)."""
+    """A checkpoint or --save-model file of xql_sac.py, xql_td3.py, iq_continuous.py or miq_continuous.py:
+    (its contents, the script's module)."""
     import torch
 
     if not os.path.isfile(path):
@@ -61,18 +63,37 @@ def load_run(path: str) -> tuple:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: trusted
     saved = checkpoint.get("args", {})
     script = "xql_sac" if "value_loss" in saved else "xql_td3" if "critic_loss" in saved else None
-    if script is None or "actor" not in checkpoint:
-        raise SystemExit(f"error: {path} is not a checkpoint or saved model of xql_sac.py or xql_td3.py")
+    if "n_bins" in saved:
+        script = "miq_continuous" if "alpha" in saved else "iq_continuous"
+    if script is None or ("actor" not in checkpoint and "policy" not in checkpoint):
+        raise SystemExit(
+            f"error: {path} is not a checkpoint or saved model of xql_sac.py, xql_td3.py, iq_continuous.py "
+            "or miq_continuous.py"
+        )
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     return checkpoint, importlib.import_module(script)
 
 
 def checkpoint_policy(path: str, env: gym.Env):
-    """The actor of a run of xql_sac.py (its mean action) or xql_td3.py, as a function obs -> action."""
+    """The actor of a run of xql_sac.py (its mean action), xql_td3.py, or iq_continuous.py /
+    miq_continuous.py (the policy's mode), as a function obs -> action."""
     import torch
 
     checkpoint, module = load_run(path)
     obs_dim = env.observation_space.shape[0]
+    if "n_bins" in checkpoint["args"]:
+        saved = checkpoint["args"]
+        policy = module.make_policy(
+            saved["policy"], obs_dim, env.action_space.low, env.action_space.high, saved["n_bins"]
+        )
+        policy.load_state_dict(checkpoint["policy"])
+
+        @torch.no_grad()
+        def act_mode(obs):
+            x = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
+            return policy.to_env(policy.mode(x))[0].numpy()
+
+        return act_mode
     actor = module.Actor(obs_dim, env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"])
     actor.load_state_dict(checkpoint["actor"])
 
@@ -116,7 +137,8 @@ def replay_episodes(path: str) -> tuple[list, str]:
 
 
 def resolve_policy(spec: str, env: gym.Env):
-    """'random', 'pendulum-expert', 'checkpoint:PATH' (a run of xql_sac.py or xql_td3.py), or
+    """'random', 'pendulum-expert', 'checkpoint:PATH' (a run of xql_sac.py, xql_td3.py, iq_continuous.py
+    or miq_continuous.py), or
     'module:function' (a function obs -> action)."""
     if spec == "random":
         return lambda obs: env.action_space.sample()
@@ -194,6 +216,7 @@ def write_hdf5(
 ) -> None:
     import h5py
 
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # e.g. data/, which git ignores
     with h5py.File(path, "w") as f:
         for key in KEYS:
             if key in data:
