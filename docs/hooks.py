@@ -1,0 +1,23 @@
+"""mkdocs hook: publish the committed curves (results/<suite>/curves.png) with the site.
+
+The pages link them as ../results/<suite>/curves.png, which also works when a page is read on
+GitHub; here each PNG becomes a site file at results/<suite>/curves.png, and the links are
+rewritten to it before mkdocs checks them."""
+
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def on_files(files, config):
+    for png in sorted((ROOT / "results").glob("*/*.png")):
+        uri = png.relative_to(ROOT).as_posix()
+        files.append(File.generated(config, uri, abs_src_path=str(png)))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    return re.sub(r"\]\(\.\./results/", "](results/", markdown)
