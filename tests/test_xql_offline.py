@@ -480,3 +480,47 @@ def test_dataset_tool_rolls_out_the_mode_of_an_iq_policy(tmp_path, script):
     expected = policy.to_env(policy.mode(torch.as_tensor(obs)[None]))[0].numpy()
     np.testing.assert_allclose(act(obs), expected)
     assert act(obs)[0] in (-2.0, -1.0, 0.0, 1.0, 2.0)
+
+
+def awr_fit_on_a_mix(eta: float, random_rows_noise: float, seed: int = 1, n: int = 600, steps: int = 200):
+    """Fit xql_offline's policy by AWR on a generated mix: n rows each of a good action (best + noise 0.1),
+    a noisy one (best + noise 0.5) and a uniform random one, with critic advantages = the true advantage
+    -5 |a - best|^2 plus Gaussian error of std 1, or `random_rows_noise` on the random rows.
+    Returns (mean |mean action - best action|, share of the total weight on the random rows)."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.rand(3 * n, 4, generator=g) * 2 - 1
+    best = torch.tanh(obs @ torch.tensor([[0.8, -0.5], [0.3, 0.9], [-0.7, 0.2], [0.5, -0.6]]))
+    act = best.clone()
+    act[:n] += 0.1 * torch.randn(n, 2, generator=g)
+    act[n : 2 * n] += 0.5 * torch.randn(n, 2, generator=g)
+    act[2 * n :] = torch.rand(n, 2, generator=g) * 2 - 1
+    act = act.clamp(-1, 1)
+    error_std = torch.cat([torch.ones(2 * n), torch.full((n,), random_rows_noise)])
+    adv = -5.0 * (act - best).pow(2).sum(-1) + error_std * torch.randn(3 * n, generator=g)
+    weights = xo.awr_weights(adv, torch.zeros(3 * n), eta, 100.0)
+    torch.manual_seed(seed)
+    policy = xo.GaussianPolicy(4, np.array([-1.0, -1.0]), np.array([1.0, 1.0]), 64)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = xo.awr_loss(policy.log_prob(obs, act), weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (policy(obs) - best).abs().mean().item(), (weights[2 * n :].sum() / weights.sum()).item()
+
+
+def test_awr_at_the_papers_eta_follows_the_critics_error_on_random_rows_and_a_small_eta_does_not():
+    """The documented cause of X-QL and IQL losing to BC on a good + noisy + random Hopper mix
+    (docs/xql_offline.md): AWR's weights exp(eta * A), capped at 100, turn a critic's larger error on
+    the random rows (measured there: advantage std 8-16 on random rows, 2-3 on the others) into most
+    of the policy's weight; the paper's eta = 3 then ends further from the best action than BC,
+    while --eta 0.2 ends closer. With the same error on every row, eta = 3 beats BC by far."""
+    bc, _ = awr_fit_on_a_mix(0.0, 8.0)
+    paper, random_share = awr_fit_on_a_mix(3.0, 8.0)
+    gentle, _ = awr_fit_on_a_mix(0.2, 8.0)
+    uniform_error, _ = awr_fit_on_a_mix(3.0, 1.0)
+    assert random_share > 0.5  # a third of the rows, most of the weight
+    assert paper > bc + 0.015, (paper, bc)
+    assert gentle < bc - 0.03, (gentle, bc)
+    assert uniform_error < bc / 2, (uniform_error, bc)
