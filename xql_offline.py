@@ -112,7 +112,7 @@ class Args:
     beta: float = 2.0
     """the Gumbel regression temperature beta (paper: 2 on all locomotion, 'X-QL C'; tuned per dataset in docs/xql_offline.md)"""
     eta: float = 3.0
-    """AWR inverse temperature eta (paper: 3; 0: behaviour cloning); on data mixed with random play try 0.2
+    """AWR inverse temperature eta (paper: 3; 0: behaviour cloning); on data mixed with random play try 0.1
     (docs/xql_offline.md: the critic's error on those rows takes over the capped weights)"""
     exp_clip: float = 7.0
     """clip from above of the normalised residual z = (y - V)/beta in the Gumbel loss (paper: 7; 5 on some)"""
