@@ -1,46 +1,28 @@
-"""X-TD3: TD3 whose critics are trained by Gumbel regression (Extreme Q-Learning), single file.
+"""X-TD3: TD3 whose critics are trained by Gumbel regression (Extreme Q-Learning), no entropy term.
 
-Paper: Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023.
-Docs: docs/xql_online.md (the equations, the choices, the metrics).
+Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023, Sec. 3.4.
+Docs: docs/xql_online.md. `--critic-loss mse` is TD3 (Fujimoto et al. 2018), from the same file.
 
-Gumbel regression (Eq. 7/11). For a prediction p of a target y and a temperature beta,
-z = (y - p)/beta and L(z) = exp(z) - z - 1. By Lemma 3.2 the minimiser over a constant p is
-p* = beta * ln E[exp(y/beta)]: a soft maximum of the targets. In deterministic dynamics, the
-only randomness in the target is the next action, so regressing Q on the ordinary TD3 target
-with this loss estimates the soft-optimal backup without any entropy term (Eq. 9):
+  Gumbel loss  L(p; y) = E[exp(z) - z - 1], z = (y - p)/beta;  argmin_p = beta ln E[exp(y/beta)]
+  critics      Q_i(s, a) <- y = r + gamma (1 - terminated) min_j Q_bar_j(s', a~)    Gumbel loss
+               a~ = clip(pi_bar(s') + clip(N(0, sigma), -c, c), low, high)       TD3's smoothing
+  actor        max Q_1(s, pi(s)), every 2 steps, then Polyak targets               as TD3
 
-  critics  Q_i(s, a)  <-  y = r + gamma * (1 - done) * min_i Q_bar_i(s', a~)       Gumbel loss
-           a~ = clip(pi_bar(s') + clip(N(0, sigma), -c_noise, c_noise), low, high) (TD3's smoothing)
-  actor    max  Q_1(s, pi(s)), every 2 steps, with Polyak targets                  exactly as TD3
+With deterministic dynamics the only randomness in y is the next action, so the Gumbel loss makes
+Q a soft maximum: the soft-optimal backup with no entropy term (Eq. 9). `--no-double-q` is the
+paper's "X-TD3 - DQ", one critic. Defaults follow CleanRL's td3_continuous_action.py; beta comes
+from BETA_DEFAULTS per env.
 
-`--no-double-q` drops the min over two critics ("X-TD3 - DQ": one critic, one target critic);
-`--critic-loss mse` restores TD3's squared error, so X-TD3 and TD3 compare from one file.
-
-The stable Gumbel loss (paper App. D.3): clip z from above at c and factor out exp(m) with
-m = max(max_batch z, -1) (detached), which rescales the loss of each batch by exp(-m) and keeps
-the gradients bounded; the derivation of why the minimiser is unchanged is in `gumbel_loss`.
-
-Defaults follow CleanRL's td3_continuous_action.py (256-256 MLPs, lr 3e-4, batch 256, 25 000
-random steps, exploration noise 0.1, policy noise 0.2 clipped at 0.5, actor every 2 steps) so
-results compare with it, and the paper's exp clip 8. beta comes from a per-env table, BETA_DEFAULTS
-(10 on Gym MuJoCo locomotion, whose rewards are several times DM Control's; 3 elsewhere), printed
-at start; --beta overrides it. The paper's settings (lr 1e-3, exploration noise 0.05 on Hopper,
-beta 2-5 with DQ and 3-20 without, on DM Control) are listed in docs/xql_online.md.
-Terminations end bootstrapping; time-limit truncations bootstrap from the true last observation
-(one env, not a vector env, keeps it at hand).
-
-Usage:
-    python xql_td3.py --env-id Hopper-v5
-    python xql_td3.py --env-id Hopper-v5 --critic-loss mse     # TD3
-    python xql_td3.py --env-id Hopper-v5 --no-double-q --beta 5
+    python xql_td3.py --env-id dm_control/cheetah-run-v0
+    python xql_td3.py --env-id Hopper-v5 --critic-loss mse
 """
 
 import os
-import pickle
 import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,36 +32,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+SCRIPT = os.path.basename(__file__)
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into the `videos` folder; needs moviepy)"""
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-
-    # Algorithm specific arguments
     env_id: str = "Hopper-v5"
-    """the id of the environment (any gymnasium env with a bounded Box action space)"""
+    """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
     total_timesteps: int = 1000000
     """total timesteps of the experiments"""
     learning_rate: float = 3e-4
-    """the learning rate of the actor and critic optimizers (paper: 1e-3)"""
+    """the learning rate of the actor and critic optimizers (the paper: 1e-3)"""
     buffer_size: int = int(1e6)
     """the replay memory buffer size"""
     gamma: float = 0.99
@@ -93,7 +58,7 @@ class Args:
     policy_noise: float = 0.2
     """the scale of the target policy smoothing noise (in units of the action half-range)"""
     exploration_noise: float = 0.1
-    """the scale of the exploration noise (paper: 0.05 on Hopper)"""
+    """the scale of the exploration noise (the paper: 0.05 on Hopper)"""
     learning_starts: int = 25000
     """timestep to start learning; before it, actions are uniform random"""
     policy_frequency: int = 2
@@ -103,124 +68,91 @@ class Args:
     critic_loss: Literal["gumbel", "mse"] = "gumbel"
     """`gumbel`: X-TD3 (Gumbel regression of the critics); `mse`: TD3"""
     double_q: bool = True
-    """use the min of two critics in the target; `--no-double-q` is the paper's X-TD3 - DQ (one critic)"""
+    """the min of two critics in the target; `--no-double-q`: the paper's X-TD3 - DQ, one critic"""
     beta: float | None = None
-    """the Gumbel regression temperature beta; default: the per-env table BETA_DEFAULTS (printed at start)"""
+    """the Gumbel regression temperature beta; default: BETA_DEFAULTS for the env"""
     exp_clip: float = 8.0
-    """upper clip c of the normalised residual z = (y - Q)/beta in the Gumbel loss, min(z, c) (paper: 8)"""
+    """upper clip c of the residual z = (y - Q)/beta in the Gumbel loss (the paper: 8)"""
+
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
     eval_frequency: int = 10000
-    """run a deterministic evaluation (no exploration noise) every this many environment steps"""
+    """evaluate the policy, without exploration noise, every this many environment steps"""
     eval_episodes: int = 10
     """the number of episodes of each deterministic evaluation"""
     log_frequency: int = 100
     """log losses and SPS every this many steps"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
-    """write runs/{run_name}/checkpoint.pt every this many env steps and at the end (0: only when stopped
-    by SIGTERM or SIGINT). It holds everything to continue exactly: networks, optimizers, random states,
-    the env mid-episode and the replay buffer (4 bytes x (2 obs + action + 2) floats per transition)"""
+    """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run saved in this checkpoint, logging to the same TensorBoard run; its flags are
-    reused, and only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint, with its flags, in a new episode (see RESUME_FLAGS)"""
     stop_at: int | None = None
-    """checkpoint and exit when the run reaches this step: one chunk of a longer run (a job time limit),
-    continued with --resume; schedules still span --total-timesteps"""
+    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
-    """evaluate this saved model or checkpoint (env and sizes come from the file) for --eval-episodes
-    episodes, with --capture-video if given, and exit"""
+    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    wandb_project_name: str = "entropy-rl"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
 
 
-# The default beta per env. The paper tuned beta on DM Control, whose rewards are in [0, 1] per step:
-# 2-5 with double Q, 3-20 without. Gym MuJoCo's locomotion rewards are several times larger, and so
-# are its TD errors and the Gumbel bias sigma^2/(2 beta) that each backup adds: beta has to grow with
-# them. Hopper-v5's 10 was measured (docs/xql_online.md: at 3, the returns lagged TD3's); the other
-# Gym entries take the same value untuned. Anything else gets the paper's DM-Control value 3.
-BETA_DEFAULTS = {"Hopper": 10.0, "Walker2d": 10.0, "HalfCheetah": 10.0, "Ant": 10.0, "Humanoid": 10.0}
+# DM Control takes the paper's Table 6 (rewards in [0, 1] a step). Gym MuJoCo's larger rewards, TD
+# errors and Gumbel bias sigma^2/(2 beta) need a larger beta: 10, measured on Hopper-v5 and not
+# tuned on the other Gym tasks (docs/xql_online.md).
+BETA_DEFAULTS = dict.fromkeys(("Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid"), 10.0)
+BETA_DEFAULTS.update({"cheetah-run": 5.0, "walker-run": 2.0, "hopper-hop": 2.0, "quadruped-run": 5})
 BETA_FALLBACK = 3.0
 
 
 def default_beta(env_id: str) -> float:
     """beta from BETA_DEFAULTS by the env's name (any version), else BETA_FALLBACK."""
     name = env_id.split("/")[-1]
-    return next((beta for prefix, beta in BETA_DEFAULTS.items() if name.startswith(prefix)), BETA_FALLBACK)
+    return next((b for key, b in BETA_DEFAULTS.items() if name.startswith(key)), BETA_FALLBACK)
 
 
-def check_args(args: Args) -> None:
-    """Stop with a one-line error naming the fix, before anything is built."""
-    if args.eval_frequency < 1:
-        raise SystemExit(f"error: --eval-frequency must be >= 1 (got {args.eval_frequency}); it is in env steps")
-    if args.learning_starts >= args.total_timesteps:
-        raise SystemExit(
-            f"error: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: no "
-            "gradient step would run; lower --learning-starts"
-        )
-    if args.beta is not None and not args.beta > 0:
-        raise SystemExit(f"error: --beta must be > 0 (got {args.beta}); the paper uses 2-5 for X-TD3")
-    if not args.exp_clip > 0:
-        raise SystemExit(f"error: --exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8")
-    if args.checkpoint_frequency < 0:
-        raise SystemExit(
-            f"error: --checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}); 0 turns it off"
-        )
-    if args.batch_size < 1 or args.total_timesteps < 1 or args.buffer_size < 1 or args.policy_frequency < 1:
-        raise SystemExit(
-            "error: --batch-size, --total-timesteps, --buffer-size and --policy-frequency must be positive"
-        )
+def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, every: int = 1):
+    if env_id.startswith("dm_control/"):  # shimmy registers the dm_control/<domain>-<task>-v0 ids
+        warnings.filterwarnings("ignore", module="glfw")  # no display: dm_control renders without it
+        import shimmy
 
-
-def check_action_space(env_id: str, space: gym.Space) -> None:
-    """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
-    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        raise SystemExit(
-            f"error: {env_id} has action space {space}; this script needs a 1-D continuous Box "
-            "(for discrete actions use soft_dqn_atari.py or soft_a2c_atari.py)"
-        )
-    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-        raise SystemExit(
-            f"error: {env_id} has unbounded actions {space}; wrap it in gymnasium.wrappers.ClipAction "
-            "or RescaleAction to give it finite bounds"
-        )
-
-
-def check_video_prerequisites(env_id: str) -> None:
-    """--capture-video needs moviepy, a renderer for the env (pygame for classic control, a working
-    MUJOCO_GL for MuJoCo without a display): fail at start, not at the first evaluation."""
-    try:
-        import moviepy  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: --capture-video needs moviepy: pip install moviepy") from None
-    try:
-        env = gym.make(env_id, render_mode="rgb_array")
-        env.reset(seed=0)
-        env.render()
-        env.close()
-    except gym.error.DependencyNotInstalled as exc:
-        raise SystemExit(f"error: --capture-video on {env_id}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # mujoco.FatalError and friends: no OpenGL context
-        raise SystemExit(
-            f"error: --capture-video could not render {env_id} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "without a display set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU)"
-        ) from None
-
-
-def make_env(env_id: str, seed: int, capture_video: bool = False, video_folder: str | None = None, every: int = 1):
+        gym.register_envs(shimmy)
     try:
         env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, ...: a typo in --env-id
-        raise SystemExit(f"error: --env-id {env_id}: {exc}; see gymnasium's registry (e.g. Hopper-v5)") from None
-    if capture_video:  # the first episode of every evaluation (of `every` episodes), one file each
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: ep % every == 0)
+        raise SystemExit(f"error: --env-id {env_id}: {exc}; e.g. Hopper-v5") from None
+    if capture_video:  # the first episode of every evaluation
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda i: i % every == 0)
+    if isinstance(env.observation_space, gym.spaces.Dict):  # dm_control: a dict of arrays
+        env = gym.wrappers.FlattenObservation(env)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     env.action_space.seed(seed)
     return env
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
-    )
+    layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, out_dim))
+
+
+class ValueNetwork(nn.Module):
+    """V(s), or Q(s, a) with the action concatenated to the observation."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(in_dim, 1, hidden)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, -1)).squeeze(-1)
 
 
 class QNetwork(nn.Module):
@@ -238,7 +170,7 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, low, high, hidden: int):
         super().__init__()
         self.net = mlp(obs_dim, len(low), hidden)
-        low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (low, high))
         self.register_buffer("action_scale", (high - low) / 2.0)
         self.register_buffer("action_bias", (high + low) / 2.0)
 
@@ -267,56 +199,38 @@ class ReplayBuffer:
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    FIELDS = ("obs", "next_obs", "actions", "rewards", "dones")
-
-    def state_dict(self) -> dict:
-        """The stored transitions only (clones: saving a slice would save the whole preallocated storage)."""
-        stored = {k: getattr(self, k)[: self.size].clone() for k in self.FIELDS}
-        return {"capacity": self.capacity, "size": self.size, "pos": self.pos, **stored}
+    def state_dict(self) -> dict:  # the whole storage: a resumed run keeps the buffer's capacity
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        assert state["capacity"] == self.capacity, "build the buffer with the checkpoint's capacity"
-        self.size, self.pos = state["size"], state["pos"]
-        for k in self.FIELDS:
-            getattr(self, k)[: self.size] = state[k]
+        vars(self).update(state)
 
     def sample(self, batch_size: int, device: torch.device):
         idx = torch.randint(0, self.size, (batch_size,))
-        batch = (self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx])
-        return tuple(x.to(device, non_blocking=True) for x in batch)
+        batch = (self.obs, self.actions, self.rewards, self.next_obs, self.dones)
+        return tuple(x[idx].to(device, non_blocking=True) for x in batch)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses and targets (pure functions: tensors in, tensors out)
-# ---------------------------------------------------------------------------------------------
-def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None) -> torch.Tensor:
-    """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable max-normalised form (App. D.3).
+def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None):
+    """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable form of App. D.3.
 
-    With z = (target - pred)/beta, the plain loss is mean(exp(z) - z - 1): convex in pred,
-    zero at z = 0, about z^2/2 near it, minimised over a constant pred at beta*ln mean exp(target/beta)
-    (Lemma 3.2). Its exp overflows for large z, so with m = max(max_batch z, -1), detached,
-        exp(z - m) - z*exp(-m) - exp(-m) = exp(-m) * (exp(z) - z - 1).
-    Why the minimiser is kept: within a batch exp(-m) is one positive constant that carries no
-    gradient, so the gradient is exp(-m) times the plain gradient mean(1 - exp(z))/beta: it has
-    the same sign everywhere and the same zeros, hence the same full-batch minimiser. The scale
-    exp(-m) <= e keeps every term bounded (exp(z - m) <= 1), and across minibatches it acts as
-    an adaptive learning rate. z is first clipped from above, min(z, clip): only z > 0 can
-    overflow, and clipped samples get no gradient. clip=None skips the clip.
-    """
+    With z = (target - pred)/beta the loss is mean(exp(z) - z - 1), minimised over a constant pred
+    at beta ln mean exp(target/beta) (Lemma 3.2). With m = max(max_batch z, -1), detached, it is
+    computed as exp(z - m) - z exp(-m) - exp(-m) = exp(-m) (exp(z) - z - 1): one positive constant
+    per batch, so the gradient keeps its sign and zeros (the same minimiser) while every term stays
+    bounded. z is first clipped from above at `clip` (clipped samples get no gradient)."""
     z = (target - pred) / beta
     if clip is not None:
-        # from above only (as the offline authors' code): the online code's [-clip, clip] gave zero
-        # gradient to a prediction more than clip*beta above its target, so terminal targets stopped
-        # pulling Q down and Q drifted toward the value of never falling (measured on Hopper-v5)
+        # from above only, as the authors' offline code; their online code clips to [-c, c], which
+        # stops a Q far above a terminal target from being pulled down (docs/xql_online.md)
         z = z.clamp(max=clip)
     m = z.max().detach().clamp(min=-1.0)
     return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
 
 
 def xtd3_target(rewards, dones, q1_next, q2_next, gamma: float, double_q: bool):
-    """Eq. (9)'s regression target r + gamma*(1 - done)*min_i Q_bar_i(s', a~) (just Q_bar_1 without
-    double Q). q*_next are the target critics at the smoothed target action; done = 1 for
-    terminations only, so a time-limit truncation still bootstraps."""
+    """Eq. 9's target y = r + gamma (1 - terminated) min_i Q_bar_i(s', a~) (Q_bar_1 alone without
+    double Q), at the smoothed target action a~; a truncation still bootstraps."""
     q_next = torch.min(q1_next, q2_next) if double_q else q1_next
     return rewards + gamma * (1.0 - dones) * q_next
 
@@ -326,23 +240,221 @@ def critic_loss_fn(q, target, critic_loss: str, beta: float, clip: float):
     return gumbel_loss(q, target, beta, clip) if critic_loss == "gumbel" else F.mse_loss(q, target)
 
 
-def discounted_returns(rewards, gamma: float) -> np.ndarray:
-    """G_t = sum_k gamma^k r_{t+k} to the end of the episode, for every step t of one episode."""
-    g, out = 0.0, np.zeros(len(rewards))
-    for t in range(len(rewards) - 1, -1, -1):
-        g = rewards[t] + gamma * g
-        out[t] = g
-    return out
+def actor_loss_fn(q1_pi):
+    """TD3's deterministic policy gradient: maximise Q_1(s, pi(s)) (Fujimoto et al. 2018)."""
+    return -q1_pi.mean()
+
+
+def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
+    """theta_bar <- (1 - lam) theta_bar + lam theta."""
+    with torch.no_grad():
+        for p_target, p in zip(target.parameters(), online.parameters()):
+            p_target.lerp_(p, lam)
+
+
+def train(args: Args) -> None:
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}"
+    beta_source = "the run's" if checkpoint else beta_source
+    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else run_name
+    eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
+    eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
+    writer = make_writer(args, run_name, checkpoint)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
+    actor_target = Actor(obs_dim, low, high, args.hidden_size).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    n_critics = 2 if args.double_q else 1
+    critics = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(n_critics)]
+    critics_target = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in critics]
+    for qf, qf_target in zip(critics, critics_target):
+        qf_target.load_state_dict(qf.state_dict())
+    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
+    q_params = [p for qf in critics for p in qf.parameters()]
+    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    action_scale = actor.action_scale
+    action_low, action_high = (torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    learner = dict(actor=actor, actor_target=actor_target, q_optimizer=q_optimizer, rb=rb)
+    learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)}, actor_optim=actor_optimizer)
+    learner.update({f"qf{i}_target": qf for i, qf in enumerate(critics_target, 1)})
+    start_step = restore(checkpoint, learner) if checkpoint else 0
+    obs, _ = env.reset(seed=args.seed + start_step)  # a resumed run starts a new episode
+    loss = f"beta {args.beta} ({beta_source})" if args.critic_loss == "gumbel" else "TD3's loss"
+    print(f"{SCRIPT}: {args.env_id}, {loss}, {n_critics} critic(s), {device}, runs/{run_name}")
+    if checkpoint:
+        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
+    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
+    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
+    start_time = time.time()
+    actor_loss = torch.tensor(float("nan"))  # logged before the first actor update
+    for global_step in range(start_step, args.total_timesteps):
+        if stop_signals or global_step == args.stop_at:
+            save_checkpoint(checkpoint_path, global_step, args, run_name, learner)
+            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
+            print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+        if global_step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
+                action = action + torch.randn_like(action) * action_scale * args.exploration_noise
+            action = action.clamp(action_low, action_high).cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # next_obs is the true last observation also at a truncation: the target bootstraps from it
+        rb.add(obs, action, reward, next_obs, terminated)
+        obs = next_obs
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            obs, _ = env.reset()
+
+        if global_step >= args.learning_starts:
+            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
+            with torch.no_grad():
+                noise = torch.randn_like(b_actions) * args.policy_noise
+                noise = noise.clamp(-args.noise_clip, args.noise_clip) * action_scale
+                next_actions = (actor_target(b_next_obs) + noise).clamp(action_low, action_high)
+                q_next = [qf_target(b_next_obs, next_actions) for qf_target in critics_target]
+                y = xtd3_target(b_rewards, b_dones, q_next[0], q_next[-1], args.gamma,
+                                args.double_q)
+            q_values = [qf(b_obs, b_actions) for qf in critics]
+            loss_args = (args.critic_loss, args.beta, args.exp_clip)
+            q_losses = [critic_loss_fn(q, y, *loss_args) for q in q_values]
+            q_loss = sum(q_losses)
+            if not torch.isfinite(q_loss):
+                sys.exit(f"error: the critic loss is not finite at step {global_step}: try larger beta")
+            q_optimizer.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_optimizer.step()
+
+            if global_step % args.policy_frequency == 0:  # delayed actor and Polyak targets, as TD3
+                actor_loss = actor_loss_fn(critics[0](b_obs, actor(b_obs)))
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
+                for target, online in [(actor_target, actor), *zip(critics_target, critics)]:
+                    polyak(target, online, args.lam)
+
+            if global_step % args.log_frequency == 0:
+                for i, (q, loss) in enumerate(zip(q_values, q_losses), start=1):
+                    writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), global_step)
+                    writer.add_scalar(f"losses/qf{i}_loss", loss.item(), global_step)
+                writer.add_scalar("losses/qf_loss", q_loss.item() / len(critics), global_step)
+                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
+                # the largest residual z of the batch: it explodes when X-TD3 goes unstable
+                max_z = ((y - q_values[0]) / args.beta).max().item()
+                writer.add_scalar("losses/max_z", max_z, global_step)
+                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+
+        done = global_step + 1  # steps taken
+        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+            returns, q_estimate, discounted_return = evaluate_policy(
+                actor, eval_env, args.eval_episodes, device, eval_seed, critics, args.gamma
+            )
+            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            # over-estimation shows as the critics' value of visited states above what they returned
+            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
+            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
+            sps = int((done - start_step) / (time.time() - start_time))
+            print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
+                  f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
+        end = done == args.total_timesteps
+        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, done, args, run_name, learner)
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        weights = {"actor": actor.state_dict(), "critics": [qf.state_dict() for qf in critics]}
+        torch.save({"script": SCRIPT, "args": vars(args), **weights}, model_path)
+        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
+    env.close()
+    eval_env.close()
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Appendix: input checks, evaluation, logging and checkpoints
+# ---------------------------------------------------------------------------------------------
+def check_args(args: Args, checkpoint: dict | None = None) -> None:
+    """Stop with a one-line error naming the fix, before anything is built."""
+    step = checkpoint["global_step"] if checkpoint else 0
+    for ok, msg in [
+        (not args.env_id.startswith("ALE/") and "NoFrameskip" not in args.env_id,
+         f"--env-id {args.env_id} is an Atari game: use soft_dqn_atari.py or soft_a2c_atari.py"),
+        (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
+        (step < args.total_timesteps,
+         f"the run in {args.resume} is complete ({step} steps); extend it with --total-timesteps"),
+        (args.learning_starts < args.total_timesteps,
+         f"--learning-starts {args.learning_starts} >= --total-timesteps: no gradient step"),
+        (args.eval_frequency >= 1, f"--eval-frequency must be >= 1 (got {args.eval_frequency})"),
+        (args.beta is None or args.beta > 0, f"--beta must be > 0 (got {args.beta})"),
+        (args.exp_clip > 0, f"--exp-clip must be > 0 (got {args.exp_clip}); the paper uses 8"),
+        (args.checkpoint_frequency >= 0, "--checkpoint-frequency must be >= 0; 0 turns it off"),
+        (min(args.batch_size, args.buffer_size, args.policy_frequency) >= 1,
+         "--batch-size, --buffer-size and --policy-frequency must be positive"),
+    ]:  # fmt: skip
+        if not ok:
+            sys.exit(f"error: {msg}")
+    if args.capture_video:
+        check_video_prerequisites(args.env_id)
+
+
+def check_action_space(env_id: str, space: gym.Space) -> None:
+    """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        sys.exit(f"error: {env_id} has action space {space}; this script needs a 1-D Box")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
+
+
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
+    try:
+        import moviepy  # noqa: F401
+
+        make_env(env_id, 0).close()  # registers dm_control ids
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except ImportError as exc:
+        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
+    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
 
 
 @torch.no_grad()
-def evaluate_policy(
-    actor: Actor, env: gym.Env, n_episodes: int, device: torch.device, seed: int, critics=(), gamma=0.99
-):
-    """Deterministic evaluation (no exploration noise): the returns of `n_episodes` episodes, and the
-    overestimation diagnostic over every visited state: the mean of min_i Q_i(s, a) at the action
-    taken, and the mean discounted return actually obtained from s (to the episode's end, so it is
-    short of the true value near a time-limit truncation). Both are nan when `critics` is empty."""
+def evaluate_policy(actor, env, n_episodes: int, device, seed: int, critics=(), gamma=0.99):
+    """Deterministic evaluation (no exploration noise): the returns of `n_episodes` episodes, and
+    over every visited state the mean of min_i Q_i(s, a) against the mean discounted return from
+    s (to the episode's end: short of the true value near a truncation); nan without `critics`."""
     returns, q_estimates, discounted, rewards = [], [], [], []
     obs, _ = env.reset(seed=seed)
     while len(returns) < n_episodes:
@@ -354,364 +466,96 @@ def evaluate_policy(
         rewards.append(float(reward))
         if terminated or truncated:
             returns.append(float(info["episode"]["r"]))
-            discounted.extend(discounted_returns(rewards, gamma))
+            g, start = 0.0, len(discounted)
+            for r in reversed(rewards):  # the discounted return from each step to the episode's end
+                g = r + gamma * g
+                discounted.insert(start, g)
             rewards = []
             obs, _ = env.reset()
-    nan = float("nan")
-    return np.array(returns), (np.mean(q_estimates) if critics else nan), (np.mean(discounted) if critics else nan)
+    mean = lambda x: float(np.mean(x)) if critics else float("nan")  # noqa: E731
+    return np.array(returns), mean(q_estimates), mean(discounted)
 
 
-def evaluate(
-    model_path: str,
-    env_id: str | None = None,
-    eval_episodes: int = 10,
-    seed: int = 0,
-    device: str = "cpu",
-    capture_video: bool = False,
-    video_folder: str = "videos/eval",
-) -> np.ndarray:
-    """Deterministic evaluation returns of a model written by --save-model or a checkpoint. The env
-    id and the network sizes come from the file; `env_id` overrides the env (same spaces only)."""
-    checkpoint = torch.load(model_path, map_location=device, weights_only=False)  # our own file: trusted
-    saved = checkpoint["args"]
-    env_id = env_id or saved["env_id"]
+def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=False) -> np.ndarray:
+    """Deterministic evaluation returns of a saved model or checkpoint, on the env it names."""
+    saved = load_checkpoint(path, "--eval-model")
+    env_id, hidden = saved["args"]["env_id"], saved["args"]["hidden_size"]
     if capture_video:
         check_video_prerequisites(env_id)
-    env = make_env(env_id, seed, capture_video, video_folder, eval_episodes)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    saved_dims = (checkpoint["actor"]["net.0.weight"].shape[1], checkpoint["actor"]["net.4.weight"].shape[0])
-    if (obs_dim, act_dim) != saved_dims:
-        raise SystemExit(
-            f"error: {model_path} was trained on {saved['env_id']} (obs {saved_dims[0]}, actions {saved_dims[1]}) "
-            f"but {env_id} has obs {obs_dim}, actions {act_dim}; leave out the env id to use {saved['env_id']}"
-        )
-    actor = Actor(obs_dim, env.action_space.low, env.action_space.high, saved["hidden_size"]).to(device)
-    actor.load_state_dict(checkpoint["actor"])
-    return evaluate_policy(actor, env, eval_episodes, torch.device(device), seed)[0]
+    env = make_env(env_id, seed, capture_video, "videos/eval", eval_episodes)
+    space = env.action_space
+    actor = Actor(env.observation_space.shape[0], space.low, space.high, hidden)
+    actor.load_state_dict(saved["actor"])
+    return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: everything a run needs to continue exactly where it stopped
-# ---------------------------------------------------------------------------------------------
-RESUME_OVERRIDES = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
+def make_writer(args: Args, run_name: str, checkpoint: dict | None):
+    """TensorBoard under runs/{run_name}, and wandb with --track, a resumed run into its own."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
+    # on resume, purge_step hides what the stopped run logged after its checkpoint
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint and checkpoint["global_step"])
+    if not checkpoint:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
 
 
-def flags_given(argv: list[str]) -> set[str]:
-    """The Args fields named on the command line (`--total-timesteps 5`, `--no-cuda` -> total_timesteps, cuda)."""
-    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {n[3:] if n.startswith("no_") and n[3:] in Args.__dataclass_fields__ else n for n in names}
+RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
 
 
-def resume_args(args: Args, saved: dict, given: set[str]) -> Args:
-    """The checkpointed run's flags, with those of RESUME_OVERRIDES given on the command line; any other
-    flag that differs from the run's is refused, since changing it mid-run would make a different run."""
-    fields = Args.__dataclass_fields__
-    for name in sorted(given & fields.keys() - {"resume", *RESUME_OVERRIDES}):
-        if name in saved and getattr(args, name) != saved[name]:
-            raise SystemExit(
-                f"error: --{name.replace('_', '-')} cannot change on --resume (the run used {saved[name]!r}); "
-                "start a new run instead"
-            )
-    merged = {k: v for k, v in saved.items() if k in fields}  # fields added since keep their defaults
-    # --resume and --stop-at come from this command line only: a chunk's stop is not the next chunk's
-    merged.update(
-        {k: getattr(args, k) for k in ("resume", *RESUME_OVERRIDES) if k in ("resume", "stop_at") or k in given}
-    )
+def load_checkpoint(path: str, flag: str) -> dict:
+    """A checkpoint or saved model written by this script (our own file: trusted, unpickled)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: {flag} {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        script = saved["script"]
+    except Exception:
+        sys.exit(f"error: {flag} {path} is not a checkpoint or saved model of {SCRIPT}")
+    if script != SCRIPT:
+        sys.exit(f"error: {flag} {path} was written by {script}: use {script} with it")
+    return saved
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The checkpointed run's flags, with those of RESUME_FLAGS given on this command line."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+    given = {n.removeprefix("no_") if n[3:] in RESUME_FLAGS else n for n in names} - {"resume"}
+    if refused := sorted(given - set(RESUME_FLAGS)):
+        flag, allowed = refused[0].replace("_", "-"), ", --".join(RESUME_FLAGS).replace("_", "-")
+        sys.exit(f"error: --{flag} cannot change on --resume; only --{allowed} may be given")
+    merged = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
+    # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
+    merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
 
 
-def env_state(env: gym.Env) -> dict:
-    """The training env mid-episode, as plain data. The wrappers (time limit, episode statistics)
-    pickle as they are, but a MuJoCo env pickles as its constructor's arguments only, so its physics
-    (the full integration state, solver warm start included) and random generators go beside."""
-    base = env.unwrapped
-    state = {
-        "pickle": pickle.dumps(env),
-        "np_random": base.np_random.bit_generator.state,
-        "action_space": env.action_space.np_random.bit_generator.state,
-    }
-    if hasattr(base, "model") and hasattr(base, "data"):
-        import mujoco
-
-        spec = mujoco.mjtState.mjSTATE_INTEGRATION
-        state["mujoco"] = np.empty(mujoco.mj_stateSize(base.model, spec))
-        mujoco.mj_getState(base.model, base.data, state["mujoco"], spec)
-    return state
-
-
-def restore_env(state: dict) -> gym.Env:
-    """The env of `env_state`, ready to take the next step of its episode."""
-    env = pickle.loads(state["pickle"])
-    base = env.unwrapped
-    if "mujoco" in state:
-        import mujoco
-
-        mujoco.mj_setState(base.model, base.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
-    base.np_random.bit_generator.state = state["np_random"]
-    env.action_space.np_random.bit_generator.state = state["action_space"]
-    return env
-
-
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous checkpoint whole."""
-    torch.save(checkpoint, path + ".tmp")
+def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict) -> None:
+    """The learner before step `step`, its replay buffer and random states; written to a temporary
+    file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = {k: x.state_dict() for k, x in learner.items()}
+    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
+    torch.save({**meta, **state}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
+def restore(checkpoint: dict, learner: dict) -> int:
+    """Load the learner, its replay buffer and random states; the step to continue from."""
+    for key, x in learner.items():  # networks, optimizers and the buffer
+        x.load_state_dict(checkpoint[key])
+    random.setstate(checkpoint["rng"]["python"])
+    np.random.set_state(checkpoint["rng"]["numpy"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["global_step"]
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.eval_model:
-        if not os.path.isfile(args.eval_model):
-            raise SystemExit(f"error: --eval-model {args.eval_model}: no such file")
-        returns = evaluate(args.eval_model, None, args.eval_episodes, args.seed, "cpu", args.capture_video)
-        print(
-            f"{args.eval_model}: eval return {returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
-        )
-        raise SystemExit(0)
-    checkpoint = None
-    if args.resume:
-        if not os.path.isfile(args.resume):
-            raise SystemExit(f"error: --resume {args.resume}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)  # our own file: trusted
-        args = resume_args(args, checkpoint["args"], flags_given(sys.argv[1:]))
-    check_args(args)
-    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}, BETA_DEFAULTS"
-    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
-    if args.capture_video:
-        check_video_prerequisites(args.env_id)
-    env = make_env(args.env_id, args.seed)
-    check_action_space(args.env_id, env.action_space)
-    run_name = (
-        checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
-    eval_env = make_env(args.env_id, args.seed + 10_000, args.capture_video, f"videos/{run_name}", args.eval_episodes)
-
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: --track needs wandb: pip install wandb") from None
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    # on resume, purge_step hides what the stopped run logged after its checkpoint
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint["global_step"] if checkpoint else None)
-    if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low, high = env.action_space.low, env.action_space.high
-    actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
-    actor_target = Actor(obs_dim, low, high, args.hidden_size).to(device)
-    actor_target.load_state_dict(actor.state_dict())
-    critics = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(2 if args.double_q else 1)]
-    critics_target = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in critics]
-    for qf, qf_target in zip(critics, critics_target):
-        qf_target.load_state_dict(qf.state_dict())
-    q_params = [p for qf in critics for p in qf.parameters()]
-    q_target_params = [p for qf in critics_target for p in qf.parameters()]
-    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
-    q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
-    action_scale = actor.action_scale
-    action_low, action_high = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
-    capacity = checkpoint["rb"]["capacity"] if checkpoint else min(args.buffer_size, args.total_timesteps)
-    rb = ReplayBuffer(capacity, obs_dim, act_dim)
-    print(
-        f"{args.exp_name}: {args.env_id}, obs {obs_dim}, actions {act_dim}, critic loss {args.critic_loss}"
-        f"{f' (beta={args.beta}, exp clip={args.exp_clip})' if args.critic_loss == 'gumbel' else ''}, "
-        f"{len(critics)} critic(s), device={device}, logging to runs/{run_name}"
-    )
-    print(
-        f"the Polyak rate (CleanRL's --tau) is --lam {args.lam}; beta {args.beta} ({beta_source}) is the Gumbel "
-        "temperature"
-    )
-
-    networks = {"actor": actor, "actor_target": actor_target}
-    networks |= {f"qf{i}": qf for i, qf in enumerate(critics, start=1)}
-    networks |= {f"qf{i}_target": qf for i, qf in enumerate(critics_target, start=1)}
-    optimizers = {"q": q_optimizer, "actor": actor_optimizer}
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-
-    def write_checkpoint(step: int) -> None:
-        """Everything the loop's step number `step` depends on, written before it runs."""
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "args": vars(args),
-                "run_name": run_name,
-                "global_step": step,
-                "networks": {name: net.state_dict() for name, net in networks.items()},
-                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                "rb": rb.state_dict(),
-                "env": env_state(env),
-                "obs": obs,
-                "last_return": last_return,
-                "rng": rng_state(),
-                "actor": actor.state_dict(),  # --eval-model reads this, as in a saved model
-            },
-        )
-
-    stop_signals = []
-
-    def request_stop(signum, frame):
-        """SIGTERM (Slurm, a job's time limit) or Ctrl-C: checkpoint before the next step, then exit."""
-        if stop_signals:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        stop_signals.append(signum)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    start_step, last_return = 0, float("nan")
-    if checkpoint:
-        for name, net in networks.items():
-            net.load_state_dict(checkpoint["networks"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(checkpoint["optimizers"][name])
-        rb.load_state_dict(checkpoint["rb"])
-        env = restore_env(checkpoint["env"])
-        start_step, obs, last_return = checkpoint["global_step"], checkpoint["obs"], checkpoint["last_return"]
-        set_rng_state(checkpoint["rng"])
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-        del checkpoint  # its copy of the buffer can be large
-    else:
-        obs, _ = env.reset(seed=args.seed)
-
-    start_time = time.time()
-    actor_loss = torch.tensor(float("nan"))  # logged before the first actor update
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or (global_step == args.stop_at and global_step > start_step):
-            write_checkpoint(global_step)
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            print(f"stopped by {why} at step {global_step}; continue with --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
-        if args.checkpoint_frequency and global_step > start_step and global_step % args.checkpoint_frequency == 0:
-            write_checkpoint(global_step)
-        if global_step < args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            with torch.no_grad():
-                action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0))[0]
-                action = action + torch.randn_like(action) * action_scale * args.exploration_noise
-            action = action.clamp(action_low, action_high).cpu().numpy()
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        # next_obs is the true last observation also at a truncation: the target bootstraps from it
-        rb.add(obs, action, reward, next_obs, terminated)
-        obs = next_obs
-        if terminated or truncated:
-            last_return = float(info["episode"]["r"])
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
-            obs, _ = env.reset()
-
-        if global_step >= args.learning_starts:
-            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
-            # ---- critics: Gumbel regression on r + gamma(1 - done) min_i Q_bar_i(s', a~) ----
-            with torch.no_grad():
-                noise = (torch.randn_like(b_actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-                next_actions = (actor_target(b_next_obs) + noise * action_scale).clamp(action_low, action_high)
-                q_next = [qf_target(b_next_obs, next_actions) for qf_target in critics_target]
-                y = xtd3_target(b_rewards, b_dones, q_next[0], q_next[-1], args.gamma, args.double_q)
-            q_values = [qf(b_obs, b_actions) for qf in critics]
-            q_losses = [critic_loss_fn(q, y, args.critic_loss, args.beta, args.exp_clip) for q in q_values]
-            q_loss = sum(q_losses)
-            if not torch.isfinite(q_loss):
-                raise SystemExit(
-                    f"error: the critic loss is {q_loss.item()} at step {global_step}: training diverged; "
-                    "try a larger --beta or a smaller --exp-clip"
-                )
-            q_optimizer.zero_grad(set_to_none=True)
-            q_loss.backward()
-            q_optimizer.step()
-
-            # ---- delayed actor and Polyak targets, as TD3 ----
-            if global_step % args.policy_frequency == 0:
-                actor_loss = -critics[0](b_obs, actor(b_obs)).mean()
-                actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                actor_optimizer.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(actor_target.parameters()), list(actor.parameters()), args.lam)
-                    torch._foreach_lerp_(q_target_params, q_params, args.lam)
-
-            if global_step % args.log_frequency == 0:
-                for i, (q, loss) in enumerate(zip(q_values, q_losses), start=1):
-                    writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), global_step)
-                    writer.add_scalar(f"losses/qf{i}_loss", loss.item(), global_step)
-                writer.add_scalar("losses/qf_loss", q_loss.item() / len(critics), global_step)
-                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
-                # the largest normalised residual z of the batch: it explodes when XQL goes unstable
-                writer.add_scalar("losses/max_z", ((y - q_values[0]) / args.beta).max().item(), global_step)
-                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                writer.add_scalar(
-                    "charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step
-                )
-
-        if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
-            returns, q_estimate, discounted_return = evaluate_policy(
-                actor, eval_env, args.eval_episodes, device, args.seed + 10_000, critics, args.gamma
-            )
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            # overestimation diagnostic: the critics' value of the visited states against what they returned
-            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
-            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((global_step + 1 - start_step) / (time.time() - start_time))
-            print(
-                f"step {global_step + 1}/{args.total_timesteps}: eval return {returns.mean():.1f} "
-                f"+- {returns.std():.1f}, Q estimate {q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
-                f"last train return {last_return:.1f}, SPS {sps}",
-                flush=True,
-            )
-
-    if args.checkpoint_frequency:  # the end too, so that a finished run can be extended with --resume
-        write_checkpoint(args.total_timesteps)
-        print(f"checkpoint written to {checkpoint_path}")
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save(
-            {"args": vars(args), "actor": actor.state_dict(), "critics": [qf.state_dict() for qf in critics]},
-            model_path,
-        )
-        print(f"model saved to {model_path}")
-        returns = evaluate(model_path, None, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"reloaded model: eval return {returns.mean():.1f} +- {returns.std():.1f}")
-
-    env.close()
-    eval_env.close()
-    writer.close()
+    train(tyro.cli(Args))

@@ -289,7 +289,7 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
     for run in runs:
         if (out_dir / f"{run.run_id}.csv").exists():
             continue
-        matches = sorted(Path(folder).glob(f"runs/{run.env}__{run.variant}__{run.seed}__*"))
+        matches = sorted(Path(folder).glob(f"runs/{run.env.replace('/', '-')}__{run.variant}__{run.seed}__*"))
         if not matches:
             continue
         scalars, times = read_events(matches[-1]), read_event_times(matches[-1])
