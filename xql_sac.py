@@ -121,7 +121,7 @@ def default_beta(env_id: str) -> float:
 
 def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, every: int = 1):
     if env_id.startswith("dm_control/"):  # shimmy registers the dm_control/<domain>-<task>-v0 ids
-        warnings.filterwarnings("ignore", module="glfw")  # no display: dm_control renders without it
+        warnings.filterwarnings("ignore", module="glfw")  # no display: not needed to simulate
         import shimmy
 
         gym.register_envs(shimmy)
@@ -278,7 +278,10 @@ def train(args: Args) -> None:
     run_name = checkpoint["run_name"] if checkpoint else run_name
     eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
     eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
-    writer = make_writer(args, run_name, checkpoint)
+    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
+    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -299,7 +302,7 @@ def train(args: Args) -> None:
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     target_entropy = -float(act_dim)
     log_alpha = torch.tensor([float(np.log(max(args.alpha, 1e-8)))], device=device)
-    log_alpha.requires_grad_()
+    log_alpha.requires_grad_()  # from --alpha 0.2, SAC's: CleanRL starts at 1, the authors at 0.1
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr, fused=True)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(actor=actor, qf1=qf1, qf2=qf2, vf=vf, vf_target=vf_target, log_alpha=log_alpha)
@@ -312,9 +315,6 @@ def train(args: Args) -> None:
     print(f"{SCRIPT}: {args.env_id}, {value}, alpha {args.alpha}, {device}, runs/{run_name}")
     if checkpoint:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
     actor_loss, alpha_loss = torch.tensor(float("nan")), torch.tensor(float("nan"))
@@ -460,7 +460,8 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
 def check_action_space(env_id: str, space: gym.Space) -> None:
     """The tanh-Gaussian policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        sys.exit(f"error: {env_id} has action space {space}; this script needs a 1-D Box")
+        sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
+                 "(discrete actions: soft_dqn_atari.py, soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -521,16 +522,16 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
-def make_writer(args: Args, run_name: str, checkpoint: dict | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track, a resumed run into its own."""
+def make_writer(args: Args, run_name: str, purge_step: int | None):
+    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
+    logs into its own folder and hides what the stopped run logged from purge_step on."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    # on resume, purge_step hides what the stopped run logged after its checkpoint
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint and checkpoint["global_step"])
-    if not checkpoint:
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
+    if purge_step is None:
         table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer

@@ -107,7 +107,7 @@ class Args:
 
 
 # DM Control takes the paper's Table 6 (rewards in [0, 1] a step). Gym MuJoCo's larger rewards, TD
-# errors and Gumbel bias sigma^2/(2 beta) need a larger beta: 10, measured on Hopper-v5 and not
+# errors and Gumbel bias sigma^2/(2 beta) need a larger beta: 10, chosen on Hopper-v5, not
 # tuned on the other Gym tasks (docs/xql_online.md).
 BETA_DEFAULTS = dict.fromkeys(("Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid"), 10.0)
 BETA_DEFAULTS.update({"cheetah-run": 5.0, "walker-run": 2.0, "hopper-hop": 2.0, "quadruped-run": 5})
@@ -122,7 +122,7 @@ def default_beta(env_id: str) -> float:
 
 def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, every: int = 1):
     if env_id.startswith("dm_control/"):  # shimmy registers the dm_control/<domain>-<task>-v0 ids
-        warnings.filterwarnings("ignore", module="glfw")  # no display: dm_control renders without it
+        warnings.filterwarnings("ignore", module="glfw")  # no display: not needed to simulate
         import shimmy
 
         gym.register_envs(shimmy)
@@ -268,7 +268,10 @@ def train(args: Args) -> None:
     run_name = checkpoint["run_name"] if checkpoint else run_name
     eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
     eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
-    writer = make_writer(args, run_name, checkpoint)
+    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
+    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -301,9 +304,6 @@ def train(args: Args) -> None:
     print(f"{SCRIPT}: {args.env_id}, {loss}, {n_critics} critic(s), {device}, runs/{run_name}")
     if checkpoint:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
     actor_loss = torch.tensor(float("nan"))  # logged before the first actor update
@@ -343,7 +343,7 @@ def train(args: Args) -> None:
             q_losses = [critic_loss_fn(q, y, *loss_args) for q in q_values]
             q_loss = sum(q_losses)
             if not torch.isfinite(q_loss):
-                sys.exit(f"error: the critic loss is not finite at step {global_step}: try larger beta")
+                sys.exit(f"error: the critic loss is not finite at step {global_step}: raise beta")
             q_optimizer.zero_grad(set_to_none=True)
             q_loss.backward()
             q_optimizer.step()
@@ -428,7 +428,8 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
 def check_action_space(env_id: str, space: gym.Space) -> None:
     """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        sys.exit(f"error: {env_id} has action space {space}; this script needs a 1-D Box")
+        sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
+                 "(discrete actions: soft_dqn_atari.py, soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -489,16 +490,16 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
-def make_writer(args: Args, run_name: str, checkpoint: dict | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track, a resumed run into its own."""
+def make_writer(args: Args, run_name: str, purge_step: int | None):
+    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
+    logs into its own folder and hides what the stopped run logged from purge_step on."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    # on resume, purge_step hides what the stopped run logged after its checkpoint
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=checkpoint and checkpoint["global_step"])
-    if not checkpoint:
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
+    if purge_step is None:
         table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer

@@ -85,7 +85,13 @@ q, qt = sd.QNetwork(4), sd.QNetwork(4)
 opt = torch.optim.Adam(q.parameters(), lr=1e-4)
 for _ in range(50):
     batch = {k: torch.as_tensor(v) for k, v in rb.sample(32, 3, rng).items()}
-    sd.train_step(q, qt, opt, batch, 0.99, 0.1, "entropy")
+    with torch.no_grad():
+        q_next = sd.target_q_next(qt, batch["next_obs"], batch["ends"], "entropy")
+        y = sd.nstep_target(batch["rewards"], batch["dones"], batch["ends"], q_next, 0.99, 0.1, "entropy")
+    loss = sd.td_loss(q(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(f"{rb.nbytes / 1e9:.3f} {peak / 1e9:.3f} {fill:.1f}")
 """

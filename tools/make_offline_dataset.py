@@ -61,11 +61,8 @@ def load_run(path: str) -> tuple:
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: trusted
-    saved = checkpoint.get("args", {})
-    script = "xql_sac" if "value_loss" in saved else "xql_td3" if "critic_loss" in saved else None
-    if "n_bins" in saved:
-        script = "miq_continuous" if "alpha" in saved else "iq_continuous"
-    if script is None or ("actor" not in checkpoint and "policy" not in checkpoint):
+    script = checkpoint.get("script", "")[: -len(".py")] if isinstance(checkpoint, dict) else None
+    if script not in ("xql_sac", "xql_td3", "iq_continuous", "miq_continuous"):
         raise SystemExit(
             f"error: {path} is not a checkpoint or saved model of xql_sac.py, xql_td3.py, iq_continuous.py "
             "or miq_continuous.py"
