@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# two test workers share the machine's 2 cores: one thread each, and one for every script they run
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -50,3 +54,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *must_contain: str)
 @pytest.fixture
 def workdir(tmp_path):
     return tmp_path
+
+
+def stops_with(module, argv, cwd, monkeypatch) -> str:
+    """The one-line error a script stops with for the command line `argv`, found in-process: chdir to
+    `cwd` and call train(tyro.cli(Args)) as the script's __main__ does. Checks that it is one line
+    starting 'error:' and that no run folder was made."""
+    import tyro
+
+    argv = [str(a) for a in argv]
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [module.SCRIPT, *argv])
+    with pytest.raises(SystemExit) as exc:
+        module.train(tyro.cli(module.Args, args=argv))
+    message = str(exc.value.code)
+    assert message.startswith("error:") and "\n" not in message, message
+    assert not os.path.exists(os.path.join(str(cwd), "runs")), "no run may start on bad input"
+    return message
+
+
+def pytest_collection_modifyitems(items):
+    """The slow learning tests first: the two workers then run them side by side and the short tests
+    fill in after, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("learning") is None)

@@ -1,11 +1,13 @@
 """Tests of soft_dqn_atari.py (Schulman, Chen, Abbeel 2017, Section 6.2)."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, read_scalars, run_script
+import tyro
+from conftest import read_scalars, run_script, stops_with
 
 import soft_dqn_atari as sd
 
@@ -246,7 +248,15 @@ def train_synthetic(target: str, updates: int = 600, sync_every: int | None = 10
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=2.5e-4)
     for step in range(updates):
-        sd.train_step(q_network, target_network, optimizer, synthetic_batch(32, rng), 0.99, 0.1, target)
+        batch = synthetic_batch(32, rng)  # the script's gradient step, written as in its loop
+        with torch.no_grad():
+            q_next = sd.target_q_next(target_network, batch["next_obs"], batch["ends"], target)
+            y = sd.nstep_target(batch["rewards"], batch["dones"], batch["ends"], q_next, 0.99, 0.1, target)
+        q_sa = q_network(batch["obs"]).gather(1, batch["actions"].unsqueeze(1)).squeeze(1)
+        loss = sd.td_loss(q_sa, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
         if sync_every and step % sync_every == 0:
             target_network.load_state_dict(q_network.state_dict())
     correct = rng.integers(0, N_ACTIONS, 400)
@@ -336,7 +346,7 @@ def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
         assert scalars.get(tag), f"{tag} was not logged"
     assert all(math.isfinite(v) for _, v in scalars["losses/td_loss"])
     (model,) = list(workdir.glob("runs/*/*.cleanrl_model"))
-    returns = sd.evaluate(str(model), "BreakoutNoFrameskip-v4", eval_episodes=1, seed=2 + 20_000, max_frames=2000)
+    returns = sd.evaluate(str(model), eval_episodes=1, seed=2 + 20_000, max_frames=2000)
     np.testing.assert_allclose(returns, [v for _, v in scalars["eval/reloaded_episodic_return"]])
 
 
@@ -356,10 +366,30 @@ def test_end_to_end_breakout_logs_saves_and_reloads(workdir):
         (["--eval-model", "nowhere.pt"], ["--eval-model nowhere.pt", "no such file"]),
     ],
 )
-def test_bad_input_stops_before_training(flags, names, workdir):
-    proc = run_script("soft_dqn_atari.py", flags, workdir, timeout=120)
-    assert_one_line_error(proc, *names)
-    assert not (workdir / "runs").exists(), "no run may start on bad input"
+def test_bad_input_stops_before_training(flags, names, tmp_path, monkeypatch):
+    message = stops_with(sd, flags, tmp_path, monkeypatch)
+    assert all(name in message for name in names), message
+
+
+def test_target_network_is_copied_every_target_network_frequency_steps(tmp_path, monkeypatch):
+    """CleanRL copies the target network every --target-network-frequency steps whatever
+    --train-frequency is; copying inside the training branch made the period their lcm (30 here)."""
+    copies = []
+    original = sd.QNetwork.load_state_dict
+    monkeypatch.setattr(sd.QNetwork, "load_state_dict", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    flags = "--total-timesteps 200 --learning-starts 100 --train-frequency 3 --target-network-frequency 10 "
+    flags += "--buffer-size 500 --batch-size 8 --eval-frequency 1000 --eval-episodes 1 --max-episode-frames 400"
+    monkeypatch.setattr(sys, "argv", ["soft_dqn_atari.py", *flags.split()])
+    sd.train(tyro.cli(sd.Args, args=flags.split()))
+    assert len(copies) == 1 + 10  # the copy at start, then steps 100, 110, ..., 190
+
+
+def test_warm_up_says_where_it_departs_from_cleanrl():
+    """Uniform random actions before learning starts, as baselines' DQN; CleanRL acts epsilon-greedy
+    from the first step. The line says so."""
+    source = open(sd.__file__).read()
+    assert "CleanRL acts epsilon-greedy" in source.split("if global_step < args.learning_starts")[0][-400:]
 
 
 def test_atari_ids_resolve_to_games():

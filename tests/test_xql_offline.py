@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT as _ROOT
-from conftest import assert_one_line_error, read_scalars, run_script
+from conftest import read_scalars, run_script, stops_with
 
 import xql_offline as xo
 from tools import make_offline_dataset as mk
@@ -191,7 +191,7 @@ def test_end_to_end_logs_scores_saves_and_reloads(pendulum_data, workdir):
     score = [v for _, v in scalars["eval/normalized_score"]]
     np.testing.assert_allclose(score, xo.normalized_score(np.array(ret), -1200.0, -140.0), rtol=1e-4)
     (model,) = list(workdir.glob("runs/*/*.cleanrl_model"))
-    returns = xo.evaluate(str(model), "Pendulum-v1", eval_episodes=2, seed=4 + 20_000)
+    returns = xo.evaluate(str(model), eval_episodes=2, seed=4 + 20_000)
     np.testing.assert_allclose(returns, [v for _, v in scalars["eval/reloaded_episodic_return"]], rtol=1e-5)
 
 
@@ -227,6 +227,7 @@ def test_d4rl_name_reads_the_cache_folder_and_infers_the_env(tmp_path, workdir, 
         ("pendulum", ["--dataset", "p.hdf5", "--exp-clip", "0"], ["--exp-clip"]),
         ("pendulum", ["--dataset", "p.hdf5", "--reward-scale", "0"], ["--reward-scale", "> 0"]),
         ("pendulum", ["--dataset", "p.hdf5", "--env-id", "CartPole-v1"], ["CartPole-v1", "continuous"]),
+        ("pendulum", ["--dataset", "p.hdf5", "--total-timesteps", "0"], ["--total-timesteps", ">= 1"]),
     ],
 )
 def test_bad_input_stops_before_training(make, flags, names, workdir, monkeypatch):
@@ -238,9 +239,8 @@ def test_bad_input_stops_before_training(make, flags, names, workdir, monkeypatc
         mk.write_hdf5(
             str(workdir / "p.hdf5"), mk.episodes_to_d4rl(mk.rollout("Pendulum-v1", "random", 2)), "Pendulum-v1"
         )
-    proc = run_script("xql_offline.py", flags, workdir, timeout=120)
-    assert_one_line_error(proc, *names)
-    assert not (workdir / "runs").exists(), "no run may start on bad input"
+    message = stops_with(xo, flags, workdir, monkeypatch)
+    assert all(name in message for name in names), message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_minari_and_the_same_file_get_the_same_reward_scale_and_a_reloaded_eval(
         assert proc.returncode == 0, proc.stderr[-3000:]
         scales.append(float(proc.stdout.split("reward scale ")[1].split(";")[0]))
         # the Minari dataset's own eval env is used for the reloaded model too, not skipped
-        assert "reloaded model: eval return" in proc.stdout
+        assert "reloaded: eval return" in proc.stdout
     expected = 1000.0 / np.ptp([e["rewards"].sum() for e in episodes])
     assert scales[0] == scales[1] == pytest.approx(expected, rel=1e-3)
 
@@ -378,7 +378,7 @@ def test_iql_value_loss_runs_end_to_end(pendulum_data, workdir):
     flags = f"--dataset {path} --value-loss expectile --total-timesteps 200 --batch-size 32 --eval-frequency 200"
     proc = run_script("xql_offline.py", [*flags.split(), "--eval-episodes", "1"], workdir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "value loss expectile (expectile=0.7)" in proc.stdout
+    assert "expectile 0.7" in proc.stdout
     assert read_scalars(workdir)["losses/value_loss"]
 
 
@@ -430,7 +430,7 @@ def test_replay_of_a_wrapped_buffer_starts_from_its_oldest_transition(tmp_path):
         "dones": torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]),
     }
     path = tmp_path / "checkpoint.pt"
-    torch.save({"args": {"value_loss": "sac", "env_id": "Pendulum-v1"}, "actor": {}, "rb": rb}, path)
+    torch.save({"script": "xql_sac.py", "args": {"env_id": "Pendulum-v1"}, "actor": {}, "rb": rb}, path)
     episodes, env_id = mk.replay_episodes(str(path))
     assert env_id == "Pendulum-v1"
     assert [e["observations"][:, 0].tolist() for e in episodes] == [[10, 11, 12, 13], [20, 21, 22]]
@@ -474,7 +474,7 @@ def test_dataset_tool_rolls_out_the_mode_of_an_iq_policy(tmp_path, script):
     args = {"policy": "multicategorical", "n_bins": 5, "env_id": "Pendulum-v1"}
     if script == "miq_continuous":
         args["alpha"] = 0.9
-    torch.save({"args": args, "policy": policy.state_dict()}, tmp_path / "m.cleanrl_model")
+    torch.save({"script": f"{script}.py", "args": args, "policy": policy.state_dict()}, tmp_path / "m.cleanrl_model")
     act = mk.checkpoint_policy(str(tmp_path / "m.cleanrl_model"), env)
     obs = np.array([1.0, 0.0, 0.5], dtype=np.float32)
     expected = policy.to_env(policy.mode(torch.as_tensor(obs)[None]))[0].numpy()

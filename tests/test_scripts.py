@@ -1,0 +1,80 @@
+"""The shape every script keeps (README, "The shape of a script"): the algorithm first, the run-keeping
+code after train(), short enough to read, every flag explained, nothing shared between scripts."""
+
+import ast
+import os
+import re
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = ["iq_continuous.py", "miq_continuous.py", "xql_sac.py", "xql_td3.py", "xql_offline.py"]
+SCRIPTS += ["soft_dqn_atari.py", "soft_a2c_atari.py"]
+RUN_KEEPING = {
+    "exp_name", "seed", "torch_deterministic", "cuda", "eval_frequency", "eval_episodes", "eval_epsilon",
+    "log_frequency", "save_model", "checkpoint_frequency", "checkpoint_buffer", "resume", "stop_at",
+    "eval_model", "capture_video", "track", "wandb_project_name", "wandb_entity",
+}  # fmt: skip
+
+
+def source(script):
+    with open(os.path.join(ROOT, script)) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_length_and_line_width(script):
+    lines = source(script).splitlines()
+    cap = 700 if script in ("xql_offline.py", "soft_dqn_atari.py") else 600
+    assert len(lines) <= cap, f"{script}: {len(lines)} lines"
+    wide = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
+    assert not wide, f"{script}: lines over 100 characters: {wide}"
+    tree = ast.parse(source(script))
+    assert len(ast.get_docstring(tree).splitlines()) <= 20
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_algorithm_first_then_train_then_the_appendix(script):
+    tree = ast.parse(source(script))
+    where = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            where.setdefault(node.name, node.lineno)
+    first_network = min(
+        n.lineno for n in tree.body if isinstance(n, ast.ClassDef) and any(getattr(b, "attr", "") == "Module" for b in n.bases)
+    )
+    assert first_network <= 170, f"{script}: the first network is at line {first_network}"
+    assert where["Args"] < where["make_env"] < first_network < where["train"] < where["check_args"]
+    # every loss or target function is defined before train(), everything run-keeping after it
+    for name, line in where.items():
+        if re.search(r"(loss|target)", name) and not name.startswith("check"):
+            assert line < where["train"], f"{script}: {name} comes after train()"
+        if name in ("check_args", "evaluate", "save_checkpoint", "restore", "load_checkpoint", "resume_args"):
+            assert line > where["train"], f"{script}: {name} comes before train()"
+    main = tree.body[-1]
+    assert isinstance(main, ast.If) and ast.unparse(main.body[0]) == "train(tyro.cli(Args))" and len(main.body) == 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_is_explained_and_the_algorithms_come_first(script):
+    """tyro shows a field's docstring as its --help text: a field without one has none (as
+    --log-frequency of xql_offline.py had). The algorithm's fields come before the run-keeping ones."""
+    args = next(n for n in ast.parse(source(script)).body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    body = args.body
+    fields = [(i, n.target.id) for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
+    for i, name in fields:
+        doc = body[i + 1] if i + 1 < len(body) else None
+        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), f"{script}: --{name} has no help"
+        assert doc.value.value.strip(), f"{script}: --{name} has empty help"
+    names = [name for _, name in fields]
+    first_run_keeping = min(i for i, name in enumerate(names) if name in RUN_KEEPING)
+    assert all(name in RUN_KEEPING for name in names[first_run_keeping:]), f"{script}: {names}"
+    assert first_run_keeping >= 5
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_share_nothing(script):
+    text = source(script)
+    for other in SCRIPTS:
+        module = other[:-3]
+        assert not re.search(rf"^\s*(from|import)\s+{module}\b", text, re.M), f"{script} imports {other}"
