@@ -71,9 +71,9 @@ def load_run(path: str) -> tuple:
     return checkpoint, importlib.import_module(script)
 
 
-def checkpoint_policy(path: str, env: gym.Env):
-    """The actor of a run of xql_sac.py (its mean action), xql_td3.py, or iq_continuous.py /
-    miq_continuous.py (the policy's mode), as a function obs -> action."""
+def checkpoint_policy(path: str, env: gym.Env, sample: bool = False):
+    """The actor of a run of xql_sac.py (its mean action, or with `sample` a draw from the policy),
+    xql_td3.py, or iq_continuous.py / miq_continuous.py (the policy's mode), as a function obs -> action."""
     import torch
 
     checkpoint, module = load_run(path)
@@ -93,25 +93,34 @@ def checkpoint_policy(path: str, env: gym.Env):
         return act_mode
     actor = module.Actor(obs_dim, env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"])
     actor.load_state_dict(checkpoint["actor"])
+    if sample and not hasattr(actor, "get_action"):
+        raise SystemExit(f"error: {path}: --sample needs a stochastic policy (a run of xql_sac.py)")
 
     @torch.no_grad()
     def act(obs):
         x = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)
-        return (actor.get_action(x)[2] if hasattr(actor, "get_action") else actor(x))[0].numpy()
+        if hasattr(actor, "get_action"):  # (sample, log-probability, mean)
+            return actor.get_action(x)[0 if sample else 2][0].numpy()
+        return actor(x)[0].numpy()
 
     return act
 
 
-def replay_episodes(path: str) -> tuple[list, str]:
-    """The replay buffer of a checkpoint of xql_sac.py or xql_td3.py, in the order it was filled, cut into
-    episodes: one ends where it terminated, or where the next stored transition does not start from
-    its next observation (a time limit; the true last observation is kept). Returns (episodes, env id)."""
+def replay_episodes(path: str, first: int | None = None) -> tuple[list, str]:
+    """The replay buffer of a checkpoint of xql_sac.py or xql_td3.py, in the order it was filled (only
+    its `first` transitions if given), cut into episodes: one ends where it terminated, or where the
+    next stored transition does not start from its next observation (a time limit; the true last
+    observation is kept). Returns (episodes, env id)."""
     checkpoint, _ = load_run(path)
     rb = checkpoint.get("rb")
     if rb is None:
         raise SystemExit(f"error: {path} holds no replay buffer (a --save-model file): use its checkpoint.pt")
     size, pos, capacity = rb["size"], rb["pos"], rb["capacity"]
     order = np.r_[pos:size, 0:pos] if size == capacity else np.arange(size)  # oldest first
+    if first is not None:
+        if size == capacity and pos > 0:
+            raise SystemExit(f"error: {path}: the buffer has wrapped round; its first transitions are gone")
+        order = order[:first]
     obs, next_obs = rb["obs"].numpy()[order], rb["next_obs"].numpy()[order]
     actions, rewards, dones = rb["actions"].numpy()[order], rb["rewards"].numpy()[order], rb["dones"].numpy()[order]
     ends = dones.astype(bool).copy()
@@ -133,7 +142,7 @@ def replay_episodes(path: str) -> tuple[list, str]:
     return episodes, checkpoint["args"]["env_id"]
 
 
-def resolve_policy(spec: str, env: gym.Env):
+def resolve_policy(spec: str, env: gym.Env, sample: bool = False):
     """'random', 'pendulum-expert', 'checkpoint:PATH' (a run of xql_sac.py, xql_td3.py, iq_continuous.py
     or miq_continuous.py), or
     'module:function' (a function obs -> action)."""
@@ -142,7 +151,7 @@ def resolve_policy(spec: str, env: gym.Env):
     if spec == "pendulum-expert":
         return pendulum_expert
     if spec.startswith("checkpoint:"):
-        return checkpoint_policy(spec.split(":", 1)[1], env)
+        return checkpoint_policy(spec.split(":", 1)[1], env, sample)
     if ":" not in spec:
         raise SystemExit(
             f"error: --policy {spec!r}: use 'random', 'pendulum-expert', 'checkpoint:PATH' or 'module:function'"
@@ -160,15 +169,20 @@ def rollout(
     epsilon: float = 0.0,
     seed: int = 0,
     max_episode_steps: int | None = None,
+    sample: bool = False,
 ) -> list:
     """Run `policy` (obs -> action) for a number of episodes or steps. Each action gets Gaussian noise
     of std `noise` (in units of the action half-range) and, with probability `epsilon`, is replaced
-    by a uniform random one. Returns episodes as dicts: observations (T+1), actions, rewards,
+    by a uniform random one; `sample` draws a checkpoint's SAC actions from its policy. Returns episodes as dicts: observations (T+1), actions, rewards,
     terminations, truncations (T); a step budget ends the last episode as a truncation."""
     env = gym.make(env_id, max_episode_steps=max_episode_steps)
     if isinstance(policy, str):
-        policy = resolve_policy(policy, env)
+        policy = resolve_policy(policy, env, sample)
     env.action_space.seed(seed)
+    if sample:
+        import torch
+
+        torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
     out, total = [], 0
@@ -302,7 +316,9 @@ if __name__ == "__main__":
     p.add_argument("--epsilon", type=float, default=0.0, help="probability of a uniform random action")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", help="HDF5 files to concatenate into --out instead of collecting")
+    p.add_argument("--sample", action="store_true", help="draw a SAC checkpoint's actions from its policy")
     p.add_argument("--from-replay", help="a checkpoint of xql_sac.py or xql_td3.py: write its replay buffer")
+    p.add_argument("--replay-steps", type=int, help="with --from-replay: only its first this many transitions")
     p.add_argument("--out", help="the D4RL-format HDF5 file to write")
     p.add_argument("--minari-id", help="also write a local Minari dataset with this id, e.g. pendulum/mine-v0")
     p.add_argument("--ref-min-score", type=float, help="return that scores 0 (D4RL: a random policy's)")
@@ -311,7 +327,7 @@ if __name__ == "__main__":
     if not a.out and not a.minari_id:
         raise SystemExit("error: give --out FILE.hdf5 and/or --minari-id NAMESPACE/NAME-v0")
     if a.from_replay:
-        episodes, env_id = replay_episodes(a.from_replay)
+        episodes, env_id = replay_episodes(a.from_replay, a.replay_steps)
         data = episodes_to_d4rl(episodes)
     elif a.merge:
         parts = [read_hdf5(path) for path in a.merge]
@@ -322,7 +338,7 @@ if __name__ == "__main__":
         if not a.env_id or (a.episodes is None) == (a.steps is None):
             raise SystemExit("error: give --env-id and exactly one of --episodes or --steps (or --merge FILES)")
         env_id = a.env_id
-        episodes = rollout(env_id, a.policy, a.episodes, a.steps, a.noise, a.epsilon, a.seed)
+        episodes = rollout(env_id, a.policy, a.episodes, a.steps, a.noise, a.epsilon, a.seed, sample=a.sample)
         data = episodes_to_d4rl(episodes)
     returns = np.array([e["rewards"].sum() for e in episodes])
     print(
