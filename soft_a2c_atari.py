@@ -386,7 +386,7 @@ def train(args: Args) -> None:
             stats.update(loss=loss, entropy=entropy, kl_to_uniform=np.log(n_actions) - entropy)
             stats.update(explained_variance=explained, values=values.mean())
             for key, value in stats.items():
-                writer.add_scalar(f"losses/{key}", float(value), global_step)
+                writer.add_scalar(f"losses/{key}", value, global_step)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)

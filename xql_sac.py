@@ -396,7 +396,7 @@ def train(args: Args) -> None:
                 if args.autotune:
                     logs["alpha_loss"] = alpha_loss
                 for tag, value in logs.items():
-                    writer.add_scalar(f"losses/{tag}", float(value), global_step)
+                    writer.add_scalar(f"losses/{tag}", value, global_step)  # detaches
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
 

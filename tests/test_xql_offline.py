@@ -16,6 +16,9 @@ from conftest import read_scalars, run_script, stops_with
 import xql_offline as xo
 from tools import make_offline_dataset as mk
 
+sys.path.insert(0, str(Path(_ROOT) / "tools"))  # make_d4rl_datasets imports make_offline_dataset
+import make_d4rl_datasets as d4  # noqa: E402
+
 ROOT = Path(_ROOT)
 
 # Three trajectories, observations numbered so that a wrong pairing is visible:
@@ -437,6 +440,73 @@ def test_replay_of_a_wrapped_buffer_starts_from_its_oldest_transition(tmp_path):
     assert [e["terminations"].tolist() for e in episodes] == [[False, False, True], [False, False]]
     assert episodes[1]["truncations"].tolist() == [False, True]
     assert episodes[0]["rewards"].tolist() == [2, 3, 4]
+
+
+def test_replay_cut_to_its_first_transitions_and_refused_once_wrapped(tmp_path):
+    """--replay-steps N keeps the first N transitions a run stored (D4RL's medium-replay: the buffer up
+    to the medium policy); a buffer that has wrapped round no longer holds them."""
+    rb = {"capacity": 6, "size": 4, "pos": 4, "obs": torch.tensor([[0.0], [1.0], [2.0], [3.0], [0], [0]]),
+          "next_obs": torch.tensor([[1.0], [2.0], [3.0], [4.0], [0], [0]]), "actions": torch.zeros(6, 1),
+          "rewards": torch.arange(6.0), "dones": torch.zeros(6)}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"script": "xql_sac.py", "args": {"env_id": "Pendulum-v1"}, "actor": {}, "rb": rb}, path)
+    (episode,), _ = mk.replay_episodes(str(path), first=2)
+    assert episode["observations"][:, 0].tolist() == [0, 1, 2] and episode["rewards"].tolist() == [0, 1]
+    torch.save({"script": "xql_sac.py", "args": {"env_id": "Pendulum-v1"}, "actor": {},
+                "rb": {**rb, "size": 6, "pos": 1}}, path)
+    with pytest.raises(SystemExit, match="wrapped round"):
+        mk.replay_episodes(str(path), first=2)
+
+
+def test_d4rl_recipe_picks_the_best_policy_and_an_earlier_one_at_a_third_of_its_score():
+    # normalised = return here; a third of the best (90) is 30: step 20 (33), not 50 (30.5, later)
+    evals = {10: 5.0, 20: 33.0, 30: 50.0, 40: 90.0, 50: 30.5}
+    assert d4.choose_policies(evals, (0.0, 100.0)) == (40, 20)
+    # on D4RL's hopper scale: the best 3234.3 scores 100, the third 33.3 is a return of 1064.9
+    assert d4.choose_policies({1: 900.0, 2: 1100.0, 3: 3234.3}, (-20.272305, 3234.3)) == (3, 2)
+    assert d4.choose_policies({1: 50.0, 2: 20.0}, (0.0, 100.0)) == (None, None)
+
+
+def test_d4rl_recipe_makes_four_datasets_from_one_sac_run_and_resumes(tmp_path, monkeypatch):
+    """Two SAC chunks of 300 steps (stubbed evaluations rise, so the expert is step 600 and the medium
+    step 300): medium and expert 200 sampled transitions each, medium-replay the 300 transitions the
+    run stored up to the medium policy, medium-expert both. A second call trains and rolls out nothing."""
+    monkeypatch.setattr(d4, "CHUNK", 300)
+    flags = [("300" if f == "10000" else f) for f in d4.SAC_FLAGS]
+    flags[flags.index("--eval-episodes") + 1] = "1"
+    monkeypatch.setattr(d4, "SAC_FLAGS", [*flags, "--learning-starts", "100"])
+    real = d4.evaluations
+    monkeypatch.setattr(d4, "evaluations", lambda log: {k: v + k for k, v in real(log).items()})
+    info = d4.make("Hopper-v5", str(tmp_path), 600, 200)
+    assert (info["expert_step"], info["medium_step"]) == (600, 300)
+    sizes = {name: s["transitions"] for name, s in info["datasets"].items()}
+    assert sizes == {"hopper-medium": 200, "hopper-medium-replay": 300, "hopper-medium-expert": 400,
+                     "hopper-expert": 200}
+    data, attrs = mk.read_hdf5(str(tmp_path / "hopper-medium-replay.hdf5"))
+    (ckpt,) = (tmp_path / "sac-Hopper-v5").glob("runs/*/checkpoint.pt")
+    np.testing.assert_array_equal(data["observations"], torch.load(ckpt, weights_only=False)["rb"]["obs"][:300])
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == d4.D4RL_REF_SCORES["hopper"]
+    medium = mk.read_hdf5(str(tmp_path / "hopper-medium.hdf5"))[0]
+    expert = mk.read_hdf5(str(tmp_path / "hopper-expert.hdf5"))[0]
+    both = mk.read_hdf5(str(tmp_path / "hopper-medium-expert.hdf5"))[0]
+    np.testing.assert_array_equal(both["actions"], np.concatenate([medium["actions"], expert["actions"]]))
+    assert medium["timeouts"][-1] and not medium["terminals"][-1]  # the step budget cuts its last episode
+    mtime = os.path.getmtime(tmp_path / "hopper-medium.hdf5")
+    monkeypatch.setattr(d4.subprocess, "run", None)  # nothing may be trained again
+    assert d4.make("Hopper-v5", str(tmp_path), 600, 200)["datasets"] == info["datasets"]
+    assert os.path.getmtime(tmp_path / "hopper-medium.hdf5") == mtime
+
+
+def test_sampled_sac_actions_vary_around_the_mean_and_repeat_with_the_seed(tmp_path):
+    flags = "--env-id Pendulum-v1 --total-timesteps 150 --learning-starts 100 --eval-frequency 150 --eval-episodes 1"
+    proc = run_script("xql_sac.py", [*flags.split(), "--save-model", "--no-cuda"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (model,) = tmp_path.glob("runs/*/*.cleanrl_model")
+    mean = mk.rollout("Pendulum-v1", f"checkpoint:{model}", episodes=1, seed=3, max_episode_steps=20)[0]["actions"]
+    drawn = [mk.rollout("Pendulum-v1", f"checkpoint:{model}", episodes=1, seed=3, max_episode_steps=20,
+                        sample=True)[0]["actions"] for _ in range(2)]
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+    assert np.abs(drawn[0] - mean).mean() > 0.05
 
 
 def test_reward_scale_flag_replaces_the_derived_scale(tmp_path, workdir):

@@ -70,6 +70,17 @@ def evaluations(log: str) -> dict:
     return {int(step): float(value) for step, value in found}
 
 
+def choose_policies(evals: dict, ref: tuple) -> tuple:
+    """(expert, medium) steps: the best evaluation, and the earlier one closest to a third of its
+    normalised score; (None, None) when the first evaluation is the best."""
+    norm = {s: 100 * (r - ref[0]) / (ref[1] - ref[0]) for s, r in evals.items()}
+    expert = max(evals, key=evals.get)
+    earlier = [s for s in evals if s < expert]
+    if not earlier:
+        return None, None
+    return expert, min(earlier, key=lambda s: abs(norm[s] - norm[expert] / 3))
+
+
 def summary(data: dict, ref: tuple) -> dict:
     """Transitions, episodes and episode returns (raw and normalised) of a D4RL-format dataset."""
     ends = np.flatnonzero(data["terminals"] | data["timeouts"])
@@ -87,11 +98,9 @@ def make(env_id: str, out: str, steps: int, transitions: int) -> dict:
     ref = D4RL_REF_SCORES[robot]
     folder = f"{out}/sac-{env_id}"
     evals = train_sac(env_id, folder, steps)
-    norm = {s: 100 * (r - ref[0]) / (ref[1] - ref[0]) for s, r in evals.items()}
-    expert = max(evals, key=evals.get)
-    if expert == min(evals):
+    expert, medium = choose_policies(evals, ref)
+    if expert is None:
         sys.exit(f"error: {env_id}: SAC's first evaluation is its best; train on (--expert-steps)")
-    medium = min((s for s in evals if s < expert), key=lambda s: abs(norm[s] - norm[expert] / 3))
     info = dict(env_id=env_id, sac_steps=steps, expert_step=expert, expert_eval=evals[expert],
                 medium_step=medium, medium_eval=evals[medium], evaluations=evals, datasets={})
     made = f"{folder}/made.json"  # the policies the files were made from: made again if they change
