@@ -458,12 +458,13 @@ def test_replay_cut_to_its_first_transitions_and_refused_once_wrapped(tmp_path):
         mk.replay_episodes(str(path), first=2)
 
 
-def test_d4rl_recipe_picks_the_best_policy_and_an_earlier_one_at_a_third_of_its_score():
-    # normalised = return here; a third of the best (90) is 30: step 20 (33), not 50 (30.5, later)
-    evals = {10: 5.0, 20: 33.0, 30: 50.0, 40: 90.0, 50: 30.5}
+def test_d4rl_recipe_picks_the_best_policy_and_the_first_to_reach_a_third_of_its_score():
+    # normalised = return here; a third of the best (90) is 30: step 20 (40) is the first to reach
+    # it; not 30 (29, closer, a strong policy's bad evaluation), nor 50 (31, after the expert)
+    evals = {10: 5.0, 20: 40.0, 30: 29.0, 40: 90.0, 50: 31.0}
     assert d4.choose_policies(evals, (0.0, 100.0)) == (40, 20)
-    # on D4RL's hopper scale: the best 3234.3 scores 100, the third 33.3 is a return of 1064.9
-    assert d4.choose_policies({1: 900.0, 2: 1100.0, 3: 3234.3}, (-20.272305, 3234.3)) == (3, 2)
+    # on D4RL's hopper scale: the best 3234.3 scores 100, a third (33.3) is a return of 1064.9
+    assert d4.choose_policies({1: 1060.0, 2: 1070.0, 3: 3234.3}, (-20.272305, 3234.3)) == (3, 2)
     assert d4.choose_policies({1: 50.0, 2: 20.0}, (0.0, 100.0)) == (None, None)
 
 

@@ -3,7 +3,7 @@ medium-expert (and expert) for Hopper-v5 and HalfCheetah-v5, in D4RL's HDF5 form
 
 D4RL's recipe (Fu et al. 2020), followed here:
   expert         1M transitions of a SAC policy trained to the end of its run
-  medium         1M transitions of the same run's policy at about a third of the expert's score
+  medium         1M transitions of the same run's policy when it first reached a third of the expert's
   medium-replay  the run's replay buffer up to that medium policy (every transition it saw)
   medium-expert  medium and expert together (2M transitions)
 The actions are sampled from the SAC policy (D4RL's files carry their actions' log-probabilities:
@@ -14,8 +14,8 @@ they are the policy's draws, not its mean). Episodes end at 1000 steps, recorded
 
 One SAC run per env (xql_sac.py --value-loss sac, seed 1, a 1M-step run stopped at --expert-steps),
 in chunks of 10k steps; after each chunk its actor is kept as a snapshot with its evaluation (10
-episodes). The expert is the best-evaluated snapshot, the medium the earlier snapshot whose
-evaluation is closest to a third of the expert's normalised score. Everything is resumable: run the
+episodes). The expert is the best-evaluated snapshot, the medium the first snapshot whose
+evaluation reaches a third of the expert's normalised score. Everything is resumable: run the
 same command again after a stop, or with a larger --expert-steps to train on (the data is then
 made again). About 75 SAC steps/s on one CPU core: 300k steps take about an hour per env.
 Writes OUT/<env>-<dataset>.hdf5 and OUT/summary.json (the datasets' returns, normalised by
@@ -71,14 +71,13 @@ def evaluations(log: str) -> dict:
 
 
 def choose_policies(evals: dict, ref: tuple) -> tuple:
-    """(expert, medium) steps: the best evaluation, and the earlier one closest to a third of its
-    normalised score; (None, None) when the first evaluation is the best."""
+    """(expert, medium) steps: the best evaluation, and the first one to reach a third of its
+    normalised score, the run stopped early as D4RL's medium was (not the snapshot closest to a
+    third: a late, strong policy with one bad evaluation would be); (None, None) if the first is best."""
     norm = {s: 100 * (r - ref[0]) / (ref[1] - ref[0]) for s, r in evals.items()}
     expert = max(evals, key=evals.get)
-    earlier = [s for s in evals if s < expert]
-    if not earlier:
-        return None, None
-    return expert, min(earlier, key=lambda s: abs(norm[s] - norm[expert] / 3))
+    earlier = sorted(s for s in evals if s < expert and norm[s] >= norm[expert] / 3)
+    return (expert, earlier[0]) if earlier else (None, None)
 
 
 def summary(data: dict, ref: tuple) -> dict:
