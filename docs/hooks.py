@@ -1,7 +1,7 @@
-"""mkdocs hook: publish the committed curves (results/<suite>/curves.png) with the site.
+"""mkdocs hook: publish the committed curves (results/<suite>/curves.png) and text files with the site.
 
 The pages link them as ../results/<suite>/curves.png, which also works when a page is read on
-GitHub; here each PNG becomes a site file at results/<suite>/curves.png, and the links are
+GitHub; here each file becomes a site file at results/<suite>/curves.png, and the links are
 rewritten to it before mkdocs checks them."""
 
 import re
@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def on_files(files, config):
-    for png in sorted((ROOT / "results").glob("*/*.png")):
-        uri = png.relative_to(ROOT).as_posix()
-        files.append(File.generated(config, uri, abs_src_path=str(png)))
+    for path in sorted([*(ROOT / "results").glob("*/*.png"), *(ROOT / "results").glob("*/*.txt")]):
+        uri = path.relative_to(ROOT).as_posix()
+        files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
 
 
