@@ -551,6 +551,8 @@ def test_dataset_tool_rolls_out_the_mode_of_an_iq_policy(tmp_path, script):
     expected = policy.to_env(policy.mode(torch.as_tensor(obs)[None]))[0].numpy()
     np.testing.assert_allclose(act(obs), expected)
     assert act(obs)[0] in (-2.0, -1.0, 0.0, 1.0, 2.0)
+    with pytest.raises(SystemExit, match="xql_sac.py only"):  # --sample draws SAC's policy only
+        mk.checkpoint_policy(str(tmp_path / "m.cleanrl_model"), env, sample=True)
 
 
 def awr_fit_on_a_mix(eta: float, random_rows_noise: float, seed: int = 1, n: int = 600, steps: int = 200):

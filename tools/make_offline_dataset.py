@@ -77,6 +77,8 @@ def checkpoint_policy(path: str, env: gym.Env, sample: bool = False):
     import torch
 
     checkpoint, module = load_run(path)
+    if sample and checkpoint["script"] != "xql_sac.py":
+        raise SystemExit(f"error: {path}: --sample draws from a run of xql_sac.py only")
     obs_dim = env.observation_space.shape[0]
     if "n_bins" in checkpoint["args"]:
         saved = checkpoint["args"]
@@ -93,8 +95,6 @@ def checkpoint_policy(path: str, env: gym.Env, sample: bool = False):
         return act_mode
     actor = module.Actor(obs_dim, env.action_space.low, env.action_space.high, checkpoint["args"]["hidden_size"])
     actor.load_state_dict(checkpoint["actor"])
-    if sample and not hasattr(actor, "get_action"):
-        raise SystemExit(f"error: {path}: --sample needs a stochastic policy (a run of xql_sac.py)")
 
     @torch.no_grad()
     def act(obs):
