@@ -1,7 +1,7 @@
 """mkdocs hook: publish the committed curves (results/<suite>/curves.png) and text files with the site.
 
 The pages link them as ../results/<suite>/curves.png, which also works when a page is read on
-GitHub; here each file becomes a site file at results/<suite>/curves.png, and the links are
+GitHub; here each becomes a site file of the same path (results/<suite>/curves.png), and the links are
 rewritten to it before mkdocs checks them."""
 
 import re

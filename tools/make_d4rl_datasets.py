@@ -133,8 +133,10 @@ if __name__ == "__main__":
     for env_id in a.envs:
         if env_id.split("-")[0].lower() not in D4RL_REF_SCORES:
             sys.exit(f"error: --envs {env_id}: D4RL scores only Hopper, HalfCheetah and Walker2d")
-    if a.expert_steps < 2 * CHUNK or a.expert_steps % CHUNK:
-        sys.exit(f"error: --expert-steps must be a multiple of {CHUNK}, at least {2 * CHUNK}")
+    if a.expert_steps < 2 * CHUNK or a.expert_steps % CHUNK or a.expert_steps > 1000000:
+        sys.exit(f"error: --expert-steps must be a multiple of {CHUNK} from {2 * CHUNK} to 1000000 (the SAC run)")
+    if a.transitions < 1:
+        sys.exit(f"error: --transitions must be >= 1 (got {a.transitions})")
     torch.set_num_threads(1)
     results = {}
     if os.path.exists(f"{a.out}/summary.json"):
