@@ -11,8 +11,11 @@ writes into that folder:
     results.md   per env and variant: seeds, final return, area under the curve and the final
                  return of each seed; the interquartile mean (IQM) of the final normalised score
                  with rliable's stratified-bootstrap interval, for every variant with at least 5
-                 runs across the suite's envs; with --compare A B (repeatable), the difference
-                 B - A of the final return and the AUC per env
+                 runs across the suite's envs; the suite's own [columns] (value estimates beside
+                 the returns they estimate, ...) at the last evaluation; with --compare A B
+                 (repeatable), the difference B - A of the final return and the AUC per env; when
+                 the folder has paper.json, a paper's table beside ours (see paper_rows); and the
+                 command that made it, so that it can be made again
 
 Intervals say what they are. With fewer than 5 seeds a percentile bootstrap of the mean cannot
 give more than the seeds' own range (with 3 seeds it gives exactly [lowest, highest]), so such
@@ -60,9 +63,13 @@ def atari_random(env: str) -> float | None:
     return ATARI_RANDOM.get(game)
 
 
+BASE_COLUMNS = {"env_id", "variant", "seed", "step", "eval_return", "normalized_score", "train_return"}
+
+
 def load_runs(folder: str | Path) -> dict:
     """{(env, variant, seed): {"step": array, "eval_return": array, "normalized_score": array or None,
-    "train_return": array or None}} (the training games' mean return since the evaluation before)"""
+    "train_return": array or None, "diagnostics": {column: array}}}: the training games' mean return
+    since the evaluation before, and the suite's own [columns] (value estimates, data returns, ...)"""
     runs = {}
     for path in sorted(Path(folder).glob("*.csv")):
         with open(path) as f:
@@ -77,6 +84,7 @@ def load_runs(folder: str | Path) -> dict:
             "eval_return": np.array([float(r["eval_return"]) for r in rows]),
             "normalized_score": None if norm is None else np.array(norm),
             "train_return": None if train is None else np.array(train),
+            "diagnostics": {c: np.array([float(r[c] or "nan") for r in rows]) for c in rows[0] if c not in BASE_COLUMNS},
         }
     return runs
 
@@ -118,7 +126,8 @@ def aligned(runs: dict, env: str, variant: str, key: str = "eval_return"):
     """(steps, matrix seeds x evaluations) on the evaluation steps that every seed has."""
     curves = {s: r for (e, v, s), r in sorted(runs.items(), key=lambda kv: kv[0][2]) if e == env and v == variant}
     steps = sorted(set.intersection(*(set(r["step"].tolist()) for r in curves.values())))
-    matrix = np.array([[dict(zip(r["step"].tolist(), r[key]))[t] for t in steps] for r in curves.values()])
+    values = {s: r[key] if key in r else r["diagnostics"][key] for s, r in curves.items()}
+    matrix = np.array([[dict(zip(curves[s]["step"].tolist(), values[s]))[t] for t in steps] for s in curves])
     return np.array(steps), matrix
 
 
@@ -182,13 +191,13 @@ def compare_rows(runs: dict, envs: list[str], a: str, b: str) -> list[str]:
     return lines
 
 
-def fmt(mean: float, lo: float, hi: float, kind: str = "ci") -> str:
+def fmt(mean: float, lo: float, hi: float, kind: str = "ci", spec: str = ".1f") -> str:
     """ "mean [low, high]" for a bootstrap interval, "mean (lowest to highest)" for a range over seeds."""
     if lo == hi:
-        return f"{mean:.1f}"
+        return f"{mean:{spec}}"
     if kind == "range":
-        return f"{mean:.1f} ({lo:.1f} to {hi:.1f})"
-    return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+        return f"{mean:{spec}} ({lo:{spec}} to {hi:{spec}})"
+    return f"{mean:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
 def iqm_rows(runs: dict, envs: list[str], variants: list[str]) -> list[str]:
@@ -230,6 +239,75 @@ def iqm_rows(runs: dict, envs: list[str], variants: list[str]) -> list[str]:
             *lines,
         ]
     return lines
+
+
+def diagnostic_rows(runs: dict, envs: list[str], variants: list[str]) -> list[str]:
+    """Per env and variant, the suite's own columns (value estimates beside the returns they
+    estimate, ...) at the last evaluation that every seed has: the mean over seeds (range)."""
+    columns = list(dict.fromkeys(c for r in runs.values() for c in r["diagnostics"]))
+    if not columns:
+        return []
+    lines = []
+    for env in envs:
+        for variant in variants:
+            keys = [k for k in runs if k[:2] == (env, variant)]
+            if not keys:
+                continue
+            steps, _ = aligned(runs, env, variant)
+            cells = []
+            for column in columns:
+                final = None
+                if all(column in runs[k]["diagnostics"] for k in keys):  # runs made before a column was added lack it
+                    final = aligned(runs, env, variant, column)[1][:, -1]
+                if final is None or not np.isfinite(final).all():
+                    cells.append("–")
+                    continue
+                spec = ".1f" if np.abs(final).max() >= 10 else ".3f"  # fractions and small values keep 3 decimals
+                cells.append(fmt(*summary(final), spec=spec))
+            if any(c != "–" for c in cells):
+                lines.append(f"| {env} | {variant} | {len(keys)} | {steps[-1]} | " + " | ".join(cells) + " |")
+    if lines:
+        lines = [
+            "",
+            "The suite's diagnostics at the last evaluation (mean over seeds, then the range), each the mean of "
+            "its logged tag since the evaluation before:",
+            "",
+            "| env | variant | seeds | step | " + " | ".join(columns) + " |",
+            "| --- | --- | --- | --- |" + " --- |" * len(columns),
+            *lines,
+        ]
+    return lines
+
+
+def paper_rows(folder: Path, runs: dict, envs: list[str]) -> list[str]:
+    """Our final scores beside a paper's table, when the folder has paper.json: {"source": ...,
+    "metric": "normalized_score" or "eval_return", "columns": [[our variant, the paper's column], ...],
+    "scores": {env: {the paper's column: value}}}; with the data's own normalised level per env when
+    the folder has the datasets.json that tools/make_d4rl_datasets.py writes."""
+    if not (folder / "paper.json").exists():
+        return []
+    import json
+
+    paper = json.loads((folder / "paper.json").read_text())
+    levels = {}
+    if (folder / "datasets.json").exists():
+        for robot in json.loads((folder / "datasets.json").read_text()).values():
+            levels.update({name: d["normalised_mean"] for name, d in robot["datasets"].items()})
+    header = "| env |" + (" data level |" if levels else "")
+    for ours, theirs in paper["columns"]:
+        header += f" {ours} | {theirs}, paper |"
+    lines = ["", f"Beside {paper['source']}:", "", header, "| --- |" + " --- |" * (header.count("|") - 2)]
+    for env in paper["scores"]:
+        row = f"| {env} |" + (f" {levels.get(env, '–')} |" if levels else "")
+        for ours, theirs in paper["columns"]:
+            if any(k[:2] == (env, ours) for k in runs) and env in envs:
+                _, matrix = aligned(runs, env, ours, paper["metric"])
+                row += f" {fmt(*summary(matrix[:, -1]))} ({len(matrix)}) |"
+            else:
+                row += " – |"
+            row += f" {paper['scores'][env].get(theirs, '–')} |"
+        lines.append(row)
+    return lines + ["", "Ours: the mean over seeds of the final evaluation, (lowest to highest), (number of seeds)."]
 
 
 def plot_band(ax, steps, matrix, colour, variant: str) -> None:
@@ -278,8 +356,11 @@ def main(argv=None) -> int:
     fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4 * rows_), squeeze=False)
     colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
     scored = all(r["normalized_score"] is not None for r in runs.values())  # offline: D4RL-style scores too
+    command = " ".join(["python benchmarks/plot.py", opts.folder] + [f"--compare {a} {b}" for a, b in opts.compare])
     table = [
         f"# Results: {folder.name}",
+        "",
+        f"Made by `{command}` from the per-run CSVs in this folder.",
         "",
         f"Mean over seeds, then (lowest to highest seed) for cells of fewer than {MIN_BOOTSTRAP_SEEDS} seeds, or "
         "[95% bootstrap interval of the mean] for more. Final: the last evaluation. AUC: the mean of all "
@@ -331,6 +412,8 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
     table += iqm_rows(runs, envs, variants)
+    table += diagnostic_rows(runs, envs, variants)
+    table += paper_rows(folder, runs, envs)
     for pair in opts.compare:
         table += compare_rows(runs, envs, *pair)
     (folder / "results.md").write_text("\n".join(table) + "\n")

@@ -320,3 +320,32 @@ def test_wall_time_of_a_resumed_run_leaves_out_the_time_it_was_stopped():
     times = [1000.0 + 2 * i for i in range(51)] + [1000.0 + 86400 + 2 * i for i in range(26)]
     assert sweep.active_seconds(times) == pytest.approx(150.0)
     assert sweep.active_seconds([5.0]) == 0.0 and sweep.active_seconds([]) is None
+
+
+def test_diagnostics_and_paper_tables_come_from_the_suites_columns_and_paper_json(tmp_path):
+    """A suite's own columns get a table at the last evaluation; paper.json puts a paper's numbers
+    beside ours, with the data's level from datasets.json; results.md names the command that made it."""
+    for seed, v in [(1, 80.0), (2, 100.0)]:
+        with open(tmp_path / f"hopper-medium__X-QL__{seed}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["env_id", "variant", "seed", "step", "eval_return", "normalized_score", "v_values", "capped_frac"])
+            w.writerow(["hopper-medium", "X-QL", seed, 1000, 100.0, 10.0 * seed, 1.0, 0.5])
+            w.writerow(["hopper-medium", "X-QL", seed, 2000, 200.0, 20.0 * seed, v, 0.001 * seed])
+    (tmp_path / "paper.json").write_text(json.dumps({
+        "source": "Table 1",
+        "metric": "normalized_score",
+        "columns": [["BC", "BC"], ["X-QL", "X-QL C"]],
+        "scores": {"hopper-medium": {"BC": 52.9, "X-QL C": 71.1}, "hopper-medium-replay": {"X-QL C": 97.3}},
+    }))
+    (tmp_path / "datasets.json").write_text(json.dumps({"Hopper-v5": {"datasets": {"hopper-medium": {"normalised_mean": 39.1}}}}))
+    assert plot.main([str(tmp_path), "--compare", "X-QL", "X-QL"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert f"Made by `python benchmarks/plot.py {tmp_path} --compare X-QL X-QL`" in table
+    assert "| env | variant | seeds | step | v_values | capped_frac |" in table
+    assert "| hopper-medium | X-QL | 2 | 2000 | 90.0 (80.0 to 100.0) | 0.002 (0.001 to 0.002) |" in table
+    assert "| env | data level | BC | BC, paper | X-QL | X-QL C, paper |" in table
+    assert "| hopper-medium | 39.1 | – | 52.9 | 30.0 (20.0 to 40.0) (2) | 71.1 |" in table
+    assert "| hopper-medium-replay | – | – | – | – | 97.3 |" in table
+    (tmp_path / "paper.json").unlink()
+    assert plot.main([str(tmp_path)]) == 0
+    assert "Beside Table 1" in table and "Beside" not in (tmp_path / "results.md").read_text()
