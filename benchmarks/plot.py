@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from collections import defaultdict
@@ -286,8 +287,6 @@ def paper_rows(folder: Path, runs: dict, envs: list[str]) -> list[str]:
     the folder has the datasets.json that tools/make_d4rl_datasets.py writes."""
     if not (folder / "paper.json").exists():
         return []
-    import json
-
     paper = json.loads((folder / "paper.json").read_text())
     levels = {}
     if (folder / "datasets.json").exists():
