@@ -288,6 +288,8 @@ def paper_rows(folder: Path, runs: dict, envs: list[str]) -> list[str]:
     if not (folder / "paper.json").exists():
         return []
     paper = json.loads((folder / "paper.json").read_text())
+    if paper["metric"] == "normalized_score" and any(r["normalized_score"] is None for r in runs.values()):
+        raise SystemExit(f"error: {folder}/paper.json compares normalized_score, which some CSVs lack; use eval_return")
     levels = {}
     if (folder / "datasets.json").exists():
         for robot in json.loads((folder / "datasets.json").read_text()).values():
