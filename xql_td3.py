@@ -144,18 +144,9 @@ def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(hidden, out_dim))
 
 
-class ValueNetwork(nn.Module):
-    """V(s), or Q(s, a) with the action concatenated to the observation."""
-
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.net = mlp(in_dim, 1, hidden)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat(inputs, -1)).squeeze(-1)
-
-
 class QNetwork(nn.Module):
+    """Q(s, a): the action concatenated to the observation."""
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()
         self.net = mlp(obs_dim + act_dim, 1, hidden)
