@@ -1,4 +1,4 @@
-"""mkdocs hook: publish the committed curves (results/<suite>/curves.png) and text files with the site.
+"""mkdocs hook: publish the committed curves (results/<suite>/curves.png), tables and text files.
 
 The pages link them as ../results/<suite>/curves.png, which also works when a page is read on
 GitHub; here each becomes a site file of the same path (results/<suite>/curves.png), and the links are
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def on_files(files, config):
-    for path in sorted([*(ROOT / "results").glob("*/*.png"), *(ROOT / "results").glob("*/*.txt")]):
+    paths = [path for ext in ("png", "txt", "md") for path in (ROOT / "results").glob(f"*/*.{ext}")]
+    for path in sorted(paths):
         uri = path.relative_to(ROOT).as_posix()
         files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
