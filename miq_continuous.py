@@ -51,7 +51,7 @@ class Args:
     lam: float = 0.005
     """Polyak rate lambda of the target network(s) (CleanRL's `tau`)"""
     batch_size: int = 256
-    """the batch size of sample from the replay memory"""
+    """the size of a batch sampled from the replay memory"""
     learning_starts: int = 5000
     """timestep to start learning; before it, actions are uniform random bins"""
     learning_rate: float = 3e-4

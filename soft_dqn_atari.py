@@ -58,7 +58,7 @@ class Args:
     target_network_frequency: int = 1000
     """the timesteps it takes to copy the Q-network into the target network"""
     batch_size: int = 32
-    """the batch size of sample from the reply memory"""
+    """the size of a batch sampled from the replay memory"""
     start_e: float = 1.0
     """the starting epsilon for exploration"""
     end_e: float = 0.01

@@ -46,7 +46,7 @@ class Args:
     total_timesteps: int = 1000000
     """number of gradient steps (offline: no environment steps are taken for training)"""
     batch_size: int = 256
-    """the batch size of sample from the dataset"""
+    """the size of a batch sampled from the dataset"""
     gamma: float = 0.99
     """the discount factor gamma"""
     lam: float = 0.005

@@ -52,7 +52,7 @@ class Args:
     lam: float = 0.005
     """Polyak rate lambda of the target networks (CleanRL's `tau`)"""
     batch_size: int = 256
-    """the batch size of sample from the replay memory"""
+    """the size of a batch sampled from the replay memory"""
     hidden_size: int = 256
     """width of the two hidden layers of every network"""
     policy_noise: float = 0.2
