@@ -308,6 +308,9 @@ def train(args: Args) -> None:
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
+    # the largest tau H(pi) of a step, plus the largest clipped Munchausen term
+    entropy_bonus = args.tau * act_dim * np.log(args.n_bins)
+    entropy_bonus += args.alpha * abs(args.munchausen_clip or 0.0)
     policy = make_policy(args.policy, obs_dim, low, high, args.n_bins).to(device)
     value = ValueNetwork(obs_dim).to(device)
     policy_target = make_policy(args.policy, obs_dim, low, high, args.n_bins).to(device)
@@ -371,6 +374,7 @@ def train(args: Args) -> None:
             polyak(value_target, value, args.lam)
 
             if global_step % args.log_frequency == 0:
+                check_values(v, rb.rewards[: rb.size], args.gamma, entropy_bonus, global_step)
                 with torch.no_grad():
                     tau_log_pi = args.tau * log_pi
                 writer.add_scalar("losses/iq_loss", loss.item(), global_step)
@@ -465,6 +469,15 @@ def check_video_prerequisites(env_id: str) -> None:
     except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with finite losses: mean |values| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: a step's entropy term."""
+    bound = (rewards.abs().max().item() + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := values.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |V| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a larger --tau or a smaller --learning-rate")
 
 
 @torch.no_grad()

@@ -123,7 +123,6 @@ def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, eve
     if env_id.startswith("dm_control/"):  # shimmy registers the dm_control/<domain>-<task>-v0 ids
         warnings.filterwarnings("ignore", module="glfw")  # no display: not needed to simulate
         import shimmy
-
         gym.register_envs(shimmy)
     try:
         env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
@@ -185,19 +184,15 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int):
         self.capacity, self.size, self.pos = capacity, 0, 0
-        self.obs = torch.zeros(capacity, obs_dim)
-        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.obs, self.next_obs = torch.zeros(capacity, obs_dim), torch.zeros(capacity, obs_dim)
         self.actions = torch.zeros(capacity, act_dim)
         self.rewards = torch.zeros(capacity)
         self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
 
     def add(self, obs, action, reward, next_obs, terminated) -> None:
-        i = self.pos
-        self.obs[i] = torch.as_tensor(obs)
-        self.next_obs[i] = torch.as_tensor(next_obs)
-        self.actions[i] = torch.as_tensor(action)
-        self.rewards[i] = float(reward)
-        self.dones[i] = float(terminated)
+        self.obs[self.pos], self.actions[self.pos] = torch.as_tensor(obs), torch.as_tensor(action)
+        self.next_obs[self.pos] = torch.as_tensor(next_obs)
+        self.rewards[self.pos], self.dones[self.pos] = float(reward), float(terminated)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -216,10 +211,9 @@ class ReplayBuffer:
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None):
     """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable form of App. D.3.
 
-    With z = (target - pred)/beta the loss is mean(exp(z) - z - 1), minimised over a constant pred
-    at beta ln mean exp(target/beta) (Lemma 3.2). With m = max(max_batch z, -1), detached, it is
-    computed as exp(z - m) - z exp(-m) - exp(-m) = exp(-m) (exp(z) - z - 1): one positive constant
-    per batch, so the gradient keeps its sign and zeros (the same minimiser) while every term stays
+    With z = (target - pred)/beta: mean(exp(z) - z - 1), minimised by a constant pred at
+    beta ln mean exp(target/beta) (Lemma 3.2). Computed as exp(-m) (exp(z) - z - 1) with
+    m = max(max z, -1) detached: one positive factor per batch (the same minimiser), every term
     bounded. z is first clipped from above at `clip` (clipped samples get no gradient)."""
     z = (target - pred) / beta
     if clip is not None:
@@ -296,8 +290,7 @@ def train(args: Args) -> None:
     vf_target = ValueNetwork(obs_dim, args.hidden_size).to(device)
     vf_target.load_state_dict(vf.state_dict())
     # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
-    q_params = list(qf1.parameters()) + list(qf2.parameters())
-    q_optimizer = torch.optim.Adam(q_params, lr=args.q_lr, fused=True)
+    q_optimizer = torch.optim.Adam([*qf1.parameters(), *qf2.parameters()], lr=args.q_lr, fused=True)
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.q_lr, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     target_entropy = -float(act_dim)
@@ -388,6 +381,8 @@ def train(args: Args) -> None:
                         p_target.lerp_(p, args.lam)
 
             if global_step % args.log_frequency == 0:
+                bonus = alpha * act_dim * (args.value_loss == "sac")  # SAC: |alpha H| at H = -dim A
+                check_values(qf1_a, rb.rewards[: rb.size], args.gamma, bonus, global_step)
                 # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
                 logs = dict(qf1_values=qf1_a.mean(), qf2_values=qf2_a.mean(), v_values=v.mean(),
                             v_target_values=v_target.mean(), qf1_loss=qf1_loss, qf2_loss=qf2_loss,
@@ -424,9 +419,8 @@ def train(args: Args) -> None:
         for idx, episodic_return in enumerate(returns):
             writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
         print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    env.close()
-    eval_env.close()
-    writer.close()
+    for resource in (env, eval_env, writer):
+        resource.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +475,15 @@ def check_video_prerequisites(env_id: str) -> None:
     except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with finite losses: mean |values| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: a step's entropy term."""
+    bound = (rewards.abs().max().item() + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := values.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |Q| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a larger --beta (X-SAC) or a smaller --q-lr")
 
 
 @torch.no_grad()

@@ -348,6 +348,7 @@ def train(args: Args) -> None:
                     polyak(target, online, args.lam)
 
             if global_step % args.log_frequency == 0:
+                check_values(q_values[0], rb.rewards[: rb.size], args.gamma, 0.0, global_step)
                 for i, (q, loss) in enumerate(zip(q_values, q_losses), start=1):
                     writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), global_step)
                     writer.add_scalar(f"losses/qf{i}_loss", loss.item(), global_step)
@@ -440,6 +441,15 @@ def check_video_prerequisites(env_id: str) -> None:
     except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with finite losses: mean |values| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: a step's entropy term."""
+    bound = (rewards.abs().max().item() + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := values.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |Q| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a larger --beta (X-TD3) or a smaller --learning-rate")
 
 
 @torch.no_grad()

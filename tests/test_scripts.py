@@ -1,12 +1,15 @@
 """The shape every script keeps (README, "The shape of a script"): the algorithm first, the run-keeping
-code after train(), short enough to read, every flag explained, nothing shared between scripts."""
+code after train(), short enough to read, every flag explained, nothing shared between scripts, and
+every online script stops a run whose values run past any return its rewards allow."""
 
 import ast
+import importlib
 import os
 import re
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, run_script
 
 SCRIPTS = ["iq_continuous.py", "miq_continuous.py", "xql_sac.py", "xql_td3.py", "xql_offline.py"]
 SCRIPTS += ["soft_dqn_atari.py", "soft_a2c_atari.py"]
@@ -78,3 +81,33 @@ def test_scripts_share_nothing(script):
     for other in SCRIPTS:
         module = other[:-3]
         assert not re.search(rf"^\s*(from|import)\s+{module}\b", text, re.M), f"{script} imports {other}"
+
+
+ONLINE = ["xql_sac", "xql_td3", "iq_continuous", "miq_continuous"]
+
+
+@pytest.mark.parametrize("module", ONLINE)
+def test_values_beyond_any_return_stop_the_run(module):
+    check_values = importlib.import_module(module).check_values
+    rewards = torch.tensor([0.5, -2.0, 1.0, 0.0])  # max |r| 2; gamma 0.9, bonus 1: bound 30
+    for q in (299.0, -299.0):  # within ten times the bound: the run goes on
+        check_values(torch.full((8,), q), rewards, 0.9, 1.0, step=7)
+    with pytest.raises(SystemExit, match=r"^error: the values diverged at step 7 .*> 10 x 30\)"):
+        check_values(torch.full((8,), -301.0), rewards, 0.9, 1.0, step=7)
+    with pytest.raises(SystemExit):  # the bonus counts: without it the bound is 20
+        check_values(torch.full((8,), 201.0), rewards, 0.9, 0.0, step=7)
+    check_values(torch.full((8,), 1e9), torch.zeros(4), 0.9, 0.0, step=7)  # no reward yet: no bound
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("xql_sac.py", ["--q-lr", 1.0]), ("iq_continuous.py", ["--learning-rate", 10.0]),
+])  # fmt: skip
+def test_a_run_whose_values_run_away_with_finite_losses_stops(script, flags, tmp_path):
+    # gamma 0.5 on Pendulum (|r| <= 16.3): no return can exceed 33; the large step sizes blow the
+    # values far past that within a few hundred steps while every loss stays finite
+    args = ["--env-id", "Pendulum-v1", "--gamma", 0.5, "--learning-starts", 200, "--total-timesteps",
+            1000, "--log-frequency", 10, "--eval-frequency", 1000, "--no-cuda", *flags]  # fmt: skip
+    proc = run_script(script, args, tmp_path, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-500:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: the values diverged at step \d+ \(mean \|[QV]\| ", last), last
