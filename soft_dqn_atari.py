@@ -365,6 +365,7 @@ def train(args: Args) -> None:
     env = make_env(game, 1, env_seed, args.sticky_actions, args.episodic_life,
                    args.max_episode_frames)
     n_actions = env.single_action_space.n
+    bonus = args.tau * np.log(n_actions) if args.target != "hard" else 0.0  # |e(s)| <= tau ln|A|
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = checkpoint["run_name"] if checkpoint else run_name
     stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
@@ -455,6 +456,7 @@ def train(args: Args) -> None:
                 if global_step % (args.log_frequency * args.train_frequency) == 0:
                     if not torch.isfinite(loss):
                         sys.exit(f"error: the TD loss is not finite at {global_step}: raise --tau")
+                    check_values(q_sa, np.abs(rb.rewards).max(), args.gamma, bonus, global_step)
                     writer.add_scalar("losses/td_loss", loss.item(), global_step)
                     writer.add_scalar("losses/q_values", q_sa.mean().item(), global_step)
                     writer.add_scalar("losses/target_values", y.mean().item(), global_step)
@@ -516,6 +518,15 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
             sys.exit(f"error: {msg}")
     if args.capture_video:
         check_video_prerequisites()
+
+
+def check_values(q, max_reward: float, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with a finite loss: mean |Q| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: a step's largest |e(s)|."""
+    bound = (float(max_reward) + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := q.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |Q| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a larger --tau or a smaller --learning-rate")
 
 
 def check_video_prerequisites() -> None:
