@@ -119,9 +119,7 @@ def make_env(env_id, seed, env_kwargs=None, capture_video=False, videos=None, mi
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layer_norm: bool = False) -> nn.Sequential:
-    def norm():
-        return nn.LayerNorm(hidden) if layer_norm else nn.Identity()
-
+    norm = (lambda: nn.LayerNorm(hidden)) if layer_norm else nn.Identity
     layers = [nn.Linear(in_dim, hidden), norm(), nn.ReLU(), nn.Linear(hidden, hidden), norm()]
     return nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden, out_dim))
 
@@ -159,14 +157,12 @@ class GaussianPolicy(nn.Module):
 
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None):
     """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable form of App. D.3: with
-    z = (target - pred)/beta the loss is mean(exp(z) - z - 1), minimised over a constant pred at
-    beta ln mean exp(target/beta) (Lemma 3.2). With m = max(max_batch z, -1), detached, it is
-    computed as exp(z - m) - z exp(-m) - exp(-m) = exp(-m) (exp(z) - z - 1): one positive constant
-    per batch, so the gradient keeps its sign and zeros (the same minimiser) while every term stays
-    bounded. z is first clipped from above at `clip`, as in the authors' offline code."""
+    z = (target - pred)/beta, mean(exp(z) - z - 1), minimised by a constant pred at beta ln mean
+    exp(target/beta) (Lemma 3.2). Computed as exp(-m) (exp(z) - z - 1) with m = max(max z, -1)
+    detached: one positive factor per batch (the same minimiser), every term bounded. z is first
+    clipped from above at `clip`, as in the authors' offline code."""
     z = (target - pred) / beta
-    if clip is not None:
-        z = z.clamp(max=clip)
+    z = z.clamp(max=clip) if clip is not None else z
     m = z.max().detach().clamp(min=-1.0)
     return (torch.exp(z - m) - z * torch.exp(-m) - torch.exp(-m)).mean()
 
@@ -231,9 +227,8 @@ def train(args: Args) -> None:
     run_name = checkpoint["run_name"] if checkpoint else run_name
     if args.capture_video and env_id is not None:
         check_video_prerequisites(env_id)
-    videos, minari_data = f"videos/{run_name}", info.get("eval_env")
-    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, videos, minari_data,
-                   args.eval_episodes)
+    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{run_name}",
+                   info.get("eval_env"), args.eval_episodes)
     env_name = env_id or env.spec.id
     check_env_matches(env, env_name, data)
     returns_in_data = episode_returns(info["raw"])
@@ -324,20 +319,16 @@ def train(args: Args) -> None:
         if global_step % args.log_frequency == 0:
             if not torch.isfinite(v_loss + q_loss + policy_loss):
                 sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/qf_loss", q_loss.item() / 2, global_step)
-            writer.add_scalar("losses/policy_loss", policy_loss.item(), global_step)
+            check_values(v, D["rewards"], args.gamma, 0.0, global_step)
             # V read against the same states' discounted return in the data shows over-estimation
-            writer.add_scalar("losses/v_values", v.mean().item(), global_step)
-            data_return = D["returns_to_go"][idx].mean().item()
-            writer.add_scalar("losses/data_discounted_return", data_return, global_step)
-            writer.add_scalar("losses/qf1_values", q_values[0].mean().item(), global_step)
+            logs = dict(value_loss=v_loss, qf_loss=q_loss / 2, policy_loss=policy_loss,
+                        v_values=v.mean(), data_discounted_return=D["returns_to_go"][idx].mean(),
+                        qf1_values=q_values[0].mean(), awr_weights_mean=weights.mean(),
+                        awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
             if args.value_loss == "gumbel":
-                max_z = ((q_bar - v) / args.beta).max().item()
-                writer.add_scalar("losses/max_z", max_z, global_step)
-            writer.add_scalar("losses/awr_weights_mean", weights.mean().item(), global_step)
-            capped = (weights >= args.max_weight).float().mean().item()
-            writer.add_scalar("losses/awr_weights_capped_frac", capped, global_step)
+                logs["max_z"] = ((q_bar - v) / args.beta).max()
+            for tag, value in logs.items():
+                writer.add_scalar(f"losses/{tag}", value, global_step)  # detaches
             lr = policy_optimizer.param_groups[0]["lr"]
             writer.add_scalar("charts/policy_learning_rate", lr, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
@@ -592,6 +583,15 @@ def check_env_matches(env: gym.Env, env_name: str, data: dict) -> None:
 def normalized_score(returns, ref_min: float, ref_max: float):
     """D4RL's normalised score 100 (R - R_random) / (R_expert - R_random)."""
     return 100.0 * (np.asarray(returns) - ref_min) / (ref_max - ref_min)
+
+
+def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with finite losses: mean |values| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: a step's entropy term."""
+    bound = (rewards.abs().max().item() + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := values.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |V| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a larger --beta or a smaller --learning-rate")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The shape every script keeps (README, "The shape of a script"): the algorithm first, the run-keeping
 code after train(), short enough to read, every flag explained, nothing shared between scripts, and
-every online script stops a run whose values run past any return its rewards allow."""
+every script with a replay buffer or a dataset stops a run whose values run past any return its
+rewards allow."""
 
 import ast
 import importlib
@@ -83,10 +84,10 @@ def test_scripts_share_nothing(script):
         assert not re.search(rf"^\s*(from|import)\s+{module}\b", text, re.M), f"{script} imports {other}"
 
 
-ONLINE = ["xql_sac", "xql_td3", "iq_continuous", "miq_continuous", "soft_dqn_atari"]
+VALUE_CHECKED = ["xql_sac", "xql_td3", "iq_continuous", "miq_continuous", "soft_dqn_atari", "xql_offline"]
 
 
-@pytest.mark.parametrize("module", ONLINE)
+@pytest.mark.parametrize("module", VALUE_CHECKED)
 def test_values_beyond_any_return_stop_the_run(module):
     check_values = importlib.import_module(module).check_values
     atari = module == "soft_dqn_atari"  # takes max |r| itself: its rewards are a numpy array
