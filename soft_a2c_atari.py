@@ -378,6 +378,8 @@ def train(args: Args) -> None:
         if iteration % args.log_frequency == 0 or iteration == 1:
             if not torch.isfinite(loss):
                 sys.exit(f"error: a non-finite loss at step {global_step}: lower --learning-rate")
+            # rewards are clipped to their sign, so |r| <= 1; |tau p(s)| <= tau ln|A|
+            check_values(values, 1.0, args.gamma, args.tau * np.log(n_actions), global_step)
             with torch.no_grad():
                 log_pi = torch.log_softmax(logits, -1)
                 entropy = -(log_pi.exp() * log_pi).sum(-1).mean()
@@ -440,6 +442,15 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
             sys.exit(f"error: {msg}")
     if args.capture_video:
         check_video_prerequisites()
+
+
+def check_values(values, max_reward: float, gamma: float, bonus: float, step: int) -> None:
+    """Stop a run whose values run away with a finite loss: mean |V| over ten times
+    (max |r| + bonus)/(1 - gamma), the largest discounted return; bonus: the largest |tau p(s)|."""
+    bound = (float(max_reward) + bonus) / max(1.0 - gamma, 1e-8)
+    if 0 < 10 * bound < (mean := values.abs().mean().item()):
+        sys.exit(f"error: the values diverged at step {step} (mean |V| {mean:.4g} > 10 x "
+                 f"{bound:.4g}); try a smaller --learning-rate")
 
 
 def check_video_prerequisites() -> None:
