@@ -157,10 +157,10 @@ class GaussianPolicy(nn.Module):
 
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None):
     """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable form of App. D.3: with
-    z = (target - pred)/beta, mean(exp(z) - z - 1), minimised by a constant pred at beta ln mean
-    exp(target/beta) (Lemma 3.2). Computed as exp(-m) (exp(z) - z - 1) with m = max(max z, -1)
-    detached: one positive factor per batch (the same minimiser), every term bounded. z is first
-    clipped from above at `clip`, as in the authors' offline code."""
+    z = (target - pred)/beta the loss is mean(exp(z) - z - 1), minimised by a constant pred at
+    beta ln mean exp(target/beta) (Lemma 3.2); computed as exp(-m) (exp(z) - z - 1), m = max(z)
+    floored at -1 and detached: one positive factor per batch, the same minimiser, bounded terms.
+    z is first clipped from above at `clip`, as in the authors' offline code."""
     z = (target - pred) / beta
     z = z.clamp(max=clip) if clip is not None else z
     m = z.max().detach().clamp(min=-1.0)
