@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -150,13 +152,64 @@ def rows_from_events(scalars: dict, run: Run) -> list[dict]:
     return rows
 
 
-def git_commit(root: Path = ROOT) -> str:
+def git(root: Path, *args: str) -> str:
+    """The output of a git command in `root`, or "" where `root` is not a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     except OSError:
-        return "unknown"
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """The short commit of `root`, with "+dirty" where its Python files differ from it."""
+    commit = git(root, "rev-parse", "--short", "HEAD")
+    return commit + ("+dirty" if git(root, "status", "--porcelain", "--", "*.py") else "") if commit else "unknown"
+
+
+def code_state(root: Path) -> dict:
+    """Which code a run runs: the full commit of `root`, whether its tracked files differ from it
+    (results/ aside), and the sha256 of that difference, so a dirty run's code can be told apart."""
+    diff = git(root, "diff", "HEAD", "--", ".", ":(exclude)results")
+    return {
+        "commit": git(root, "rev-parse", "HEAD") or None,
+        "dirty": bool(diff),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
+
+
+PACKAGES = ("torch", "gymnasium", "mujoco", "dm_control", "ale_py", "numpy")
+
+
+def versions() -> dict:
+    """The versions of Python and the packages a run's numbers depend on, in this interpreter."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_hashes(args: list[str], cwd: Path) -> dict:
+    """{path: sha256} of every file a run's flags name (a --dataset file, say), as the run reads it."""
+    files = {}
+    for a in args:
+        path = Path(a) if os.path.isabs(a) else cwd / a
+        if a and not a.startswith("-") and path.is_file():
+            files[a.replace(f"{ROOT}{os.sep}", "")] = sha256_file(path)
+    return files
 
 
 def machine_name() -> str:
@@ -164,8 +217,9 @@ def machine_name() -> str:
 
 
 def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: float | None) -> dict:
-    """The metadata line of one run. Paths under the repository are given relative to it (`{root}` of
-    the suite file), so the command reproduces the run from any clone's root."""
+    """The metadata line of an imported run (see `import_runs`): what the suite says of it and what its
+    events show. Paths under the repository are given relative to it (`{root}` of the suite file), so
+    the command reproduces the run from any clone's root."""
     args = [a.replace(f"{ROOT}{os.sep}", "") for a in run.args]
     return {
         "run_id": run.run_id,
@@ -184,75 +238,139 @@ def run_meta(run: Run, scalars: dict, commit: str, wall: float | None, peak_mb: 
     }
 
 
-def priority_setter(niceness: int | None):
-    """A preexec_fn that gives the child process `niceness` where the OS allows (raising priority
-    may need privileges: then the child keeps the worker's)."""
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-    def set_priority():
+
+def child_setup(niceness: int | None):
+    """A preexec_fn for a run's process: `niceness` where the OS allows (raising priority may need
+    privileges: then it keeps the worker's), and on Linux a SIGTERM if the worker that waits on it
+    dies, so that a run never goes on unwatched: it checkpoints and stops as on a job's time limit."""
+
+    def setup():
         if niceness is not None:
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, niceness)
             except PermissionError:
                 pass
+        if sys.platform.startswith("linux"):
+            import ctypes
 
-    return set_priority
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return setup
 
 
-def execute(run: Run, root: str, workdir: str, niceness: int | None = None) -> dict:
-    """Run one script to the end in `workdir` and return its CSV rows and metadata.
+STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # a script's exit after checkpointing on a signal
 
-    `niceness`: the scheduling priority to run the script at. Ray starts its workers at nice 15,
-    which starves a run whenever anything else is busy on the machine (a 400-step run took 250 s
-    instead of 14 s beside two other jobs), so the driver passes its own priority down.
+
+def execute(run: Run, root: str, workdir: str, niceness: int | None = None, code: dict | None = None) -> dict:
+    """Run one script in `workdir` until it ends or is stopped, and return its CSV rows and record.
+
+    The record (`record.json` beside the run's log, one line) is written here, by the process that
+    starts and waits on the script, after every segment of the run (a first part, each resume): the
+    script and its argv, the code (`code_state` of `root`, or `code` where `root` is not a git
+    checkout, as on a Ray cluster), package versions, the sha256 of each file its flags name, and per
+    segment the host, start, end, wall time, exit status, peak memory and steps. The committed JSON is
+    this file as it stands when the run ends.
+
+    A script stopped by SIGTERM (sent by the driver, or here on Ctrl-C / Ray's cancel) checkpoints and
+    exits; the call then returns {"stopped": ...} and the next call resumes from the checkpoint.
+    `niceness`: the scheduling priority to run the script at (Ray starts its workers at nice 15).
     Raises RuntimeError with the tail of the log if the script fails."""
     rundir = Path(workdir) / run.suite / run.run_id
     rundir.mkdir(parents=True, exist_ok=True)
     threads = str(run.cores)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.setdefault("MUJOCO_GL", "egl")
-    # a run stopped part-way (a session's end, a job's time limit, Ctrl-C: every script checkpoints on
-    # SIGTERM/SIGINT, and at --checkpoint-frequency) continues from its checkpoint with its own flags
+    # a run stopped part-way continues from its latest checkpoint with its own flags
     checkpoints = sorted((rundir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
     resume = ["--resume", str(checkpoints[-1].relative_to(rundir))] if checkpoints else []
     # the scripts take a run's other flags from its checkpoint, but not --stop-at (one chunk's end is
     # not the next one's): a suite that ends its runs early with it passes it again on resume
     if resume and "--stop-at" in run.args:
         resume += run.args[run.args.index("--stop-at") : run.args.index("--stop-at") + 2]
-    cmd = [sys.executable, str(Path(root) / run.script), *(resume or run.args)]
-    start, commit = time.time(), git_commit(Path(root))  # the code the run starts with, not the one it ends at
-    # one line per piece of the run (a first part, each resume), so a run finished on another machine
-    # than the one it started on says where each part ran and for how long
+    argv = [Path(sys.executable).name, run.script, *(resume or run.args)]
+    record_path = rundir / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    state = code_state(Path(root)) if git(Path(root), "rev-parse", "HEAD") else dict(code or {})
+    if record is None:
+        args = [a.replace(f"{ROOT}{os.sep}", "") for a in run.args]
+        record = {
+            "run_id": run.run_id,
+            "suite": run.suite,
+            "runner": "benchmarks/sweep.py",
+            "script": run.script,
+            "flags": args,
+            "command": "python " + " ".join([run.script, *map(shlex.quote, args)]),
+            "argv": argv,
+            **state,
+            "versions": versions(),
+            "datasets": dataset_hashes(run.args, Path(root)),
+            "threads": run.cores,
+            "segments": [],
+        }
     segment = {
         "host": socket.gethostname(),
         "machine": machine_name(),
-        "resumed_from": resume[1] if resume else None,
-        "commit": commit,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "argv": argv,
+        **{k: state.get(k) for k in ("commit", "dirty", "diff_sha256")},
+        "versions": versions(),
+        "started": now(),
     }
-    with open(rundir / "log.txt", "w") as log:
+    start = time.time()
+    with open(rundir / "log.txt", "a") as log:
         proc = subprocess.Popen(
-            cmd, cwd=rundir, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=priority_setter(niceness)
+            [sys.executable, str(Path(root) / run.script), *argv[2:]],
+            cwd=rundir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=child_setup(niceness),
+            start_new_session=True,  # a Ctrl-C at the terminal reaches the driver, which stops the runs
         )
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone: its peak memory
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.time() - start
-    segment.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=round(wall, 1), exit=proc.returncode)
-    with open(rundir / "segments.jsonl", "a") as f:
-        f.write(json.dumps(segment) + "\n")
-    if proc.returncode != 0:
-        tail = "".join((rundir / "log.txt").read_text().splitlines(keepends=True)[-25:])
-        raise RuntimeError(f"{run.run_id} exited with {proc.returncode}:\n{tail}")
+        (rundir / "pid").write_text(str(proc.pid))
+        while True:
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child: its peak memory
+                break
+            except KeyboardInterrupt:  # Ray's cancel, or a Ctrl-C that reached this worker
+                proc.send_signal(signal.SIGTERM)
+        (rundir / "pid").unlink(missing_ok=True)
+    exit_code = os.waitstatus_to_exitcode(status)
     event_dirs = sorted((rundir / "runs").glob("*"), key=lambda p: p.stat().st_mtime)
+    scalars = read_events(event_dirs[-1]) if event_dirs else {}
+    steps = max((s for values in scalars.values() for s, _ in values), default=-1) + run.step_offset
+    segment.update(
+        resumed_from=resume[1] if resume else None,
+        ended=now(),
+        wall_s=round(time.time() - start, 1),
+        exit=exit_code,
+        peak_memory_mb=round(usage.ru_maxrss / 1024, 1),
+        steps=steps,
+    )
+    record["segments"].append(segment)
+    walls = [s["wall_s"] for s in record["segments"]]
+    record.update(
+        wall_time_s=round(sum(walls), 1),
+        peak_memory_mb=max(s["peak_memory_mb"] for s in record["segments"]),
+        sps=scalars.get("charts/SPS", [(0, None)])[-1][1],
+        steps=steps,
+        steps_per_wall_second=round(steps / sum(walls), 2) if steps > 0 and sum(walls) > 0 else None,
+        host=segment["host"],
+        machine=segment["machine"],
+        finished=segment["ended"] if exit_code == 0 else None,
+        imported=False,
+    )
+    record_path.write_text(json.dumps(record) + "\n")
+    if exit_code in STOPPED:
+        return {"stopped": True, "run_id": run.run_id, "steps": steps, "checkpointed": bool(event_dirs)}
+    if exit_code != 0:
+        tail = "".join((rundir / "log.txt").read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"{run.run_id} exited with {exit_code}:\n{tail}")
     if not event_dirs:
         raise RuntimeError(f"{run.run_id}: the script wrote no runs/ folder")
-    scalars = read_events(event_dirs[-1])
-    if resume:  # the time spent before the stop counts too, the hours it sat stopped do not
-        wall = active_seconds(read_event_times(event_dirs[-1]))
-    meta = run_meta(run, scalars, commit, wall, usage.ru_maxrss / 1024)
-    meta["resumed_from"] = resume[1] if resume else None
-    meta["segments"] = [json.loads(line) for line in (rundir / "segments.jsonl").read_text().splitlines()]
-    meta["commit"] = meta["segments"][0].get("commit", commit)  # a resumed run: the commit it began at
-    return {"rows": rows_from_events(scalars, run), "meta": meta}
+    return {"rows": rows_from_events(scalars, run), "meta": record, "record_text": record_path.read_text()}
 
 
 def write_result(result: dict, out_dir: Path) -> Path:
@@ -267,7 +385,8 @@ def write_result(result: dict, out_dir: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / f"{meta['run_id']}.json").write_text(json.dumps(meta) + "\n")
+    # a run's own record as its process wrote it; an imported run's line as `import_runs` made it
+    (out_dir / f"{meta['run_id']}.json").write_text(result.get("record_text") or json.dumps(meta) + "\n")
     os.replace(tmp, path)  # the CSV appears last: its presence means the run is complete
     return path
 
@@ -295,6 +414,8 @@ def import_runs(folder: str | Path, runs: list[Run], out_dir: Path, commit: str)
         scalars, times = read_events(matches[-1]), read_event_times(matches[-1])
         meta = run_meta(run, scalars, commit, active_seconds(times), None)
         meta["imported_from"] = matches[-1].name
+        # what the driver could not see: the commit is as typed, machine, host and times are the import's
+        meta.update(imported=True, typed={"commit": commit})
         write_result({"rows": rows_from_events(scalars, run), "meta": meta}, out_dir)
         imported.append(run.run_id)
     return imported
@@ -316,13 +437,37 @@ def rewrite_results(workdir: str | Path, runs: list[Run], out_dir: Path) -> list
     return rewritten
 
 
+def worktree(ref: str, workdir: Path) -> Path:
+    """A git worktree of commit `ref` under `workdir`, made once and reused: runs started from it keep
+    running the code of that commit whatever happens to the working tree meanwhile."""
+    commit = git(ROOT, "rev-parse", "--verify", f"{ref}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"error: --at {ref}: not a commit of {ROOT}; give a branch, tag or commit hash")
+    path = workdir / "trees" / commit[:12]
+    if not (path / ".git").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+        made = subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, capture_output=True)
+        if made.returncode != 0:
+            raise SystemExit(f"error: git worktree add {path} failed: {made.stderr.decode().strip()}")
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", help="a suite file, e.g. benchmarks/suites/mujoco.toml")
     parser.add_argument("--results", default=str(ROOT / "results"), help="where results/<suite>/ goes")
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "_runs"), help="runs' logs and events")
+    parser.add_argument(
+        "--at", default=None, help="run the scripts of this commit (a worktree under --workdir), not the working tree"
+    )
+    parser.add_argument(
+        "--allow-dirty", action="store_true", help="without --at: run even if tracked files differ from HEAD"
+    )
+    parser.add_argument("--hours", type=float, default=None, help="stop (checkpointing every run) after this long")
+    parser.add_argument("--nice", type=int, default=10, help="run the scripts this much below the driver's priority")
     parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto'); default local")
-    parser.add_argument("--num-cpus", type=int, default=None, help="local Ray only: cores to use (default all)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="local Ray only: cores (lanes) to use (default all)")
     parser.add_argument("--only", default="", help="only runs whose id contains this text")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     parser.add_argument(
@@ -356,26 +501,44 @@ def main(argv=None) -> int:
         return 0
     if not todo:
         return 0
+    if opts.at:
+        code_root = worktree(opts.at, Path(opts.workdir).resolve())
+    else:
+        code_root = ROOT
+        changed = git(ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        if changed and not opts.allow_dirty:
+            raise SystemExit(
+                "error: tracked files differ from HEAD; commit them, run a commit with --at REF, "
+                "or pass --allow-dirty (the records will say dirty)"
+            )
+    for r in todo:
+        if not (code_root / r.script).is_file():
+            raise SystemExit(f"error: {r.script} is not in {code_root}; --at a commit that has it")
+    code = code_state(code_root)
+    print(f"code: {code_root} at {code['commit']}{' (dirty)' if code['dirty'] else ''}", flush=True)
 
     import ray
 
     if opts.address:
         excludes = ["results/", "runs/", "benchmarks/_runs/", ".git/", "site/", "*.hdf5"]
-        ray.init(address=opts.address, runtime_env={"working_dir": str(ROOT), "excludes": excludes})
+        ray.init(address=opts.address, runtime_env={"working_dir": str(code_root), "excludes": excludes})
     else:
         ray.init(num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(max_retries=0)
-    def task(run: Run, workdir: str, niceness: int) -> dict:
-        # on a cluster the code is in the task's working directory; locally it is ROOT
-        root = os.getcwd() if opts.address else str(ROOT)
-        return execute(run, root, workdir, niceness)
+    def task(run: Run, workdir: str, niceness: int, code: dict) -> dict:
+        # on a cluster the code is in the task's working directory; locally it is code_root
+        root = os.getcwd() if opts.address else str(code_root)
+        return execute(run, root, workdir, niceness, code)
 
     workdir = opts.workdir if not opts.address else "/tmp/entropy-rl-runs"
-    niceness = os.getpriority(os.PRIO_PROCESS, 0)  # the runs get the driver's priority, not Ray's nice 15
-    pending = {task.options(num_cpus=r.cores).remote(r, workdir, niceness): r for r in todo}
+    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + opts.nice)
+    pending = {task.options(num_cpus=r.cores).remote(r, workdir, niceness, code): r for r in todo}
     capacity = int(ray.cluster_resources().get("CPU", 1))
-    done, failed, start = 0, [], time.time()
+    done, failed, stopped, start = 0, [], [], time.time()
+    stop_requested = []  # a signal's name, or "--hours"
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, frame: stop_requested.append(signal.Signals(sig).name))
 
     def progress(status: str = "") -> None:
         cores = max(r.cores for r in pending.values()) if pending else 1
@@ -386,25 +549,55 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    def stop_all() -> None:
+        """Checkpoint and stop every running run; drop the queued ones (the same command starts them)."""
+        for ref, run in pending.items():
+            pid_file = Path(workdir) / run.suite / run.run_id / "pid"
+            if not opts.address and pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+            else:  # queued, or on a cluster: Ray's cancel reaches execute() as a KeyboardInterrupt
+                ray.cancel(ref, force=False)
+
     progress()
+    last_beat, stopping = time.time(), False
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=300)
-        if not ready:  # a heartbeat every 5 minutes while long runs go on
-            progress()
+        if opts.hours is not None and time.time() - start > opts.hours * 3600 and not stop_requested:
+            stop_requested.append("--hours")
+        if stop_requested and not stopping:
+            stopping = True
+            print(f"stopping ({stop_requested[0]}): every running run checkpoints", flush=True)
+            stop_all()
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
+        if not ready:
+            if time.time() - last_beat > 300:  # a heartbeat every 5 minutes while long runs go on
+                progress()
+                last_beat = time.time()
             continue
         run = pending.pop(ready[0])
         try:
-            write_result(ray.get(ready[0]), out_dir)
+            result = ray.get(ready[0])
+            if result.get("stopped"):
+                stopped.append(run.run_id)
+                progress(f"stopped {run.run_id} at step {result['steps']} | ")
+                continue
+            write_result(result, out_dir)
             done += 1
             progress(f"finished {run.run_id} | ")
+        except ray.exceptions.TaskCancelledError:
+            pass  # queued when the stop came: not started
         except (ray.exceptions.RayTaskError, RuntimeError) as exc:
             failed.append(run.run_id)
             cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
             print(f"--- {run.run_id} FAILED:\n{cause}\n---", flush=True)
             progress(f"FAILED {run.run_id} | ")
     print(f"suite {suite}: {done} done, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    if stop_requested:
+        print(f"stopped by {stop_requested[0]}: {len(stopped)} runs checkpointed; the same command resumes them")
     print(f"results in {out_dir}; plot them with: python benchmarks/plot.py {out_dir}")
-    return 1 if failed else 0
+    return 1 if failed else (3 if stop_requested else 0)
 
 
 if __name__ == "__main__":
