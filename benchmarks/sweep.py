@@ -104,9 +104,8 @@ def load_suite(path: str | Path, root: Path = ROOT) -> tuple[str, list[Run]]:
                 args = shlex.split(text.replace("{root}", str(root)))
                 args += ["--seed", str(seed), "--exp-name", variant["name"]]
                 cores = int(variant.get("cores", spec.get("cores_per_run", 1)))
-                runs.append(
-                    Run(name, env, variant["name"], int(seed), variant["script"], args, cores, columns, step_offset)
-                )
+                offset = int(variant.get("step_offset", step_offset))
+                runs.append(Run(name, env, variant["name"], int(seed), variant["script"], args, cores, columns, offset))
     return name, runs
 
 
@@ -362,6 +361,8 @@ def execute(run: Run, root: str, workdir: str, niceness: int | None = None, code
         finished=segment["ended"] if exit_code == 0 else None,
         imported=False,
     )
+    if (rundir / "peer.json").exists():  # a harness running a peer's code says which, and what it changed
+        record["peer"] = json.loads((rundir / "peer.json").read_text())
     record_path.write_text(json.dumps(record) + "\n")
     if exit_code in STOPPED:
         return {"stopped": True, "run_id": run.run_id, "steps": steps, "checkpointed": bool(event_dirs)}
