@@ -18,6 +18,7 @@ Ablations (Fig. 2): --residual (PCL: the online V(s'), differentiated), --policy
 """
 
 import os
+import pickle
 import random
 import signal
 import sys
@@ -311,7 +312,7 @@ def train(args: Args) -> None:
     learner = dict(policy=policy, value=value, value_target=value_target, optimizer=optimizer)
     learner["rb"] = rb
     start_step = restore(checkpoint, learner) if checkpoint else 0
-    obs, _ = env.reset(seed=args.seed + start_step)  # a resumed run starts a new episode
+    env, obs = resume_episode(checkpoint, env, args.seed + start_step)
     bins = f" ({args.n_bins} bins)" if args.policy == "multicategorical" else ""
     print(f"{SCRIPT}: {args.env_id}, {args.policy} policy{bins}, temperature --tau {args.tau} "
           f"(CleanRL's Polyak tau is --lam), {device}, runs/{run_name}")  # fmt: skip
@@ -321,7 +322,7 @@ def train(args: Args) -> None:
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps):
         if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner)
+            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
             print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
@@ -383,7 +384,7 @@ def train(args: Args) -> None:
                   f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
         end = done == args.total_timesteps
         if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner)
+            save_checkpoint(checkpoint_path, done, args, run_name, learner, (env, obs))
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
@@ -545,13 +546,15 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     return Args(**merged)
 
 
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict) -> None:
-    """The learner before step `step`, its replay buffer and random states; written to a temporary
+def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode) -> None:
+    """The learner before step `step`, its replay buffer, random states and episode; written to a temporary
     file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     state = {k: x.state_dict() for k, x in learner.items()}
     meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
+    env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
+    meta["episode"] = None if isinstance(env.unwrapped, gym.utils.EzPickle) else dict(env=pickle.dumps(env), obs=obs)
     torch.save({**meta, **state}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -566,6 +569,16 @@ def restore(checkpoint: dict, learner: dict) -> int:
     if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     return checkpoint["global_step"]
+
+
+def resume_episode(checkpoint: dict | None, env, seed: int):
+    """The env and observation to go on from: the checkpoint's episode in progress where its env was
+    saved whole (classic control, DeepMind Control), so a resumed run continues as if never stopped;
+    else a new episode (MuJoCo's and Atari's envs pickle as their constructor's arguments only)."""
+    if checkpoint and checkpoint.get("episode"):
+        env.close()
+        return pickle.loads(checkpoint["episode"]["env"]), checkpoint["episode"]["obs"]
+    return env, env.reset(seed=seed)[0]
 
 
 if __name__ == "__main__":
