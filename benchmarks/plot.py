@@ -40,6 +40,7 @@ import argparse
 import csv
 import json
 import math
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +56,8 @@ D4RL_REF = {
 }
 
 # the random policy's score per game (Mnih et al. 2015, Extended Data Table 2)
+ROOT = Path(__file__).resolve().parent.parent
+
 ATARI_RANDOM = {"Breakout": 1.7, "Pong": -20.7, "Seaquest": 68.4, "SpaceInvaders": 148.0, "BeamRider": 363.9}
 
 
@@ -311,6 +314,64 @@ def paper_rows(folder: Path, runs: dict, envs: list[str]) -> list[str]:
     return lines + ["", "Ours: the mean over seeds of the final evaluation, (lowest to highest), (number of seeds)."]
 
 
+def script_blob(commit: str, script: str) -> str | None:
+    """The git object of `script` at `commit` in this clone: equal for two commits whose script is the
+    same file; None where the commit is unknown here (a typo, a "+dirty" tree, a history rewritten)."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", f"{commit}:{script}"], cwd=ROOT, capture_output=True, text=True
+    )
+    return out.stdout.strip() or None
+
+
+def changed_lines(a: str, b: str, script: str) -> int:
+    """Lines added plus lines removed in `script` from commit a to commit b."""
+    out = subprocess.run(["git", "diff", "--numstat", a, b, "--", script], cwd=ROOT, capture_output=True, text=True)
+    return sum(int(x) for line in out.stdout.splitlines() for x in line.split()[:2] if x.isdigit())
+
+
+def provenance_rows(folder: Path) -> list[str]:
+    """Where the runs came from, from their records: per commit, the runs, how they were made (by the
+    runner, or imported with the commit as typed), and the package versions they recorded; and a
+    warning where runs of one script come from commits whose copies of that script differ."""
+    groups, blobs = defaultdict(list), defaultdict(dict)
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "run_id" not in record:
+            continue
+        commit = str(record.get("commit") or "unknown")
+        short = commit[:7] + ("+dirty" if record.get("dirty") or commit.endswith("+dirty") else "")
+        made = "imported" if record.get("imported") else "runner"
+        versions = record.get("versions") or {}
+        versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or "not recorded"
+        script = record.get("script", "?")
+        groups[(short, made, versions)].append(record["run_id"])
+        if made != "imported" or "imported_from" in record:
+            comparable = " " not in script and not short.endswith("+dirty")
+            blobs[script][short] = script_blob(commit, script) if comparable else None
+    if not groups:
+        return []
+    rows = ["", "## Provenance", "", "From each run's record (its .json beside the CSV).", ""]
+    rows += ["| commit | made by | runs | versions |", "| --- | --- | --- | --- |"]
+    for (short, made, versions), ids in sorted(groups.items()):
+        rows.append(f"| {short} | {made} | {len(ids)} | {versions} |")
+    for script, by_commit in sorted(blobs.items()):
+        known = {b for b in by_commit.values() if b}
+        unknown = sorted(c for c, b in by_commit.items() if not b)
+        if len(known) > 1:
+            commits = sorted(c for c, b in by_commit.items() if b)
+            changed = [changed_lines(commits[0], c, script) for c in commits[1:]]
+            rows.append(
+                f"\n**Mixed code:** the runs of {script} come from {len(known)} different versions of it "
+                f"(commits {', '.join(commits)}; lines changed from {commits[0]}: {', '.join(map(str, changed))})."
+            )
+        if unknown and len(by_commit) > 1:
+            rows.append(f"\nThe {script} of {', '.join(unknown)} cannot be compared: not a commit of this clone, or dirty.")
+    return rows
+
+
 def plot_band(ax, steps, matrix, colour, variant: str) -> None:
     """The mean over seeds (rows of `matrix`) and a band that the legend names: the range over seeds
     below MIN_BOOTSTRAP_SEEDS seeds, else the 95% bootstrap interval of the mean."""
@@ -417,6 +478,7 @@ def main(argv=None) -> int:
     table += paper_rows(folder, runs, envs)
     for pair in opts.compare:
         table += compare_rows(runs, envs, *pair)
+    table += provenance_rows(folder)
     (folder / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(f"wrote {folder / 'curves.png'} and {folder / 'results.md'}")

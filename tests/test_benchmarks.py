@@ -4,8 +4,10 @@ suite with a local Ray, as CI runs them; and their pieces on hand-made inputs.""
 import csv
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +211,7 @@ def test_runner_and_plots_end_to_end_with_local_ray(tmp_path):
     pytest.importorskip("ray")
     results, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, str(Path(ROOT) / "benchmarks" / "sweep.py"), str(SUITES / "ci-tiny.toml")]
-    cmd += ["--results", str(results), "--workdir", str(work), "--num-cpus", "2"]
+    cmd += ["--results", str(results), "--workdir", str(work), "--num-cpus", "2", "--allow-dirty"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done 2, failed 0" in proc.stdout
@@ -285,14 +287,13 @@ def test_runner_resumes_a_run_stopped_part_way_from_its_checkpoint(tmp_path):
     rundir.mkdir(parents=True)
     first = sweep.execute(dataclasses.replace(run, args=[*run.args, "--stop-at", "300"]), str(ROOT), str(tmp_path))
     assert "stopped by --stop-at" in (rundir / "log.txt").read_text()
-    assert first["meta"]["resumed_from"] is None
+    assert first["meta"]["segments"][0]["resumed_from"] is None
     result = sweep.execute(run, str(ROOT), str(tmp_path))
-    assert result["meta"]["resumed_from"].endswith("checkpoint.pt")
     # each piece of the run is on record: where it ran, from which checkpoint, how it ended
     pieces = result["meta"]["segments"]
-    assert [p["resumed_from"] for p in pieces] == [None, result["meta"]["resumed_from"]]
+    assert pieces[0]["resumed_from"] is None and pieces[1]["resumed_from"].endswith("checkpoint.pt")
     assert [p["exit"] for p in pieces] == [0, 0] and all(p["host"] and p["wall_s"] > 0 for p in pieces)
-    assert all(p["commit"] == result["meta"]["commit"] == sweep.git_commit() for p in pieces)
+    assert all(p["commit"] == result["meta"]["commit"] == sweep.code_state(Path(ROOT))["commit"] for p in pieces)
     assert "resumed" in (rundir / "log.txt").read_text()
     assert [row["step"] for row in result["rows"]] == [200, 400]  # 200 from the first part, 400 after the resume
     assert len(list((rundir / "runs").iterdir())) == 1  # one TensorBoard run, continued
@@ -349,3 +350,82 @@ def test_diagnostics_and_paper_tables_come_from_the_suites_columns_and_paper_jso
     (tmp_path / "paper.json").unlink()
     assert plot.main([str(tmp_path)]) == 0
     assert "Beside Table 1" in table and "Beside" not in (tmp_path / "results.md").read_text()
+
+
+RECORD_FIELDS = ["script", "argv", "commit", "dirty", "diff_sha256", "versions", "datasets", "threads", "host"]
+RECORD_FIELDS += ["segments", "wall_time_s", "peak_memory_mb", "sps", "steps_per_wall_second", "imported"]
+
+
+def test_a_suite_at_a_commit_stopped_by_sigterm_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """ci-tiny's two runs (the second made longer, so the stop lands inside it) from a worktree of HEAD,
+    one lane: SIGTERM to the driver while the second runs, then the same command again. The finished
+    run is not run again; the stopped one resumes from its checkpoint and ends with the CSV of a run
+    never stopped; its record, written by the run's own process, has every field."""
+    pytest.importorskip("ray")
+    text = (SUITES / "ci-tiny.toml").read_text()
+    suite = tmp_path / "ci-tiny.toml"
+    suite.write_text(text + 'flags = "--total-timesteps 1600 --eval-frequency 400"\n')  # X-TD3's, last
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(Path(ROOT) / "benchmarks" / "sweep.py"), str(suite), "--at", "HEAD"]
+    cmd += ["--results", str(results), "--workdir", str(work), "--num-cpus", "1"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, long_run = results / "ci-tiny", work / "ci-tiny" / "Pendulum-v1__X-TD3__1"
+    deadline = time.time() + 300
+    while not list((long_run / "runs").glob("*/events.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into its training
+    driver.send_signal(signal.SIGTERM)
+    log = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 3, log[-3000:]
+    assert "stopped Pendulum-v1__X-TD3__1" in log and (out / "Pendulum-v1__IQ__1.csv").exists()
+    assert not (out / "Pendulum-v1__X-TD3__1.csv").exists() and list(long_run.glob("runs/*/checkpoint.pt"))
+    done_before = (out / "Pendulum-v1__IQ__1.json").read_text()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "1 already done, 1 to run" in again.stdout, again.stdout[-3000:]
+    assert (out / "Pendulum-v1__IQ__1.json").read_text() == done_before
+    record = json.loads((out / "Pendulum-v1__X-TD3__1.json").read_text())
+    assert record == json.loads((long_run / "record.json").read_text())  # the committed JSON is the record
+    for key in RECORD_FIELDS:
+        assert key in record, key
+    first, second = record["segments"]
+    assert first["exit"] == 143 and first["resumed_from"] is None and 0 < first["steps"] < 1600
+    assert second["exit"] == 0 and second["resumed_from"].endswith("checkpoint.pt") and second["steps"] == 1600
+    tree = work / "trees" / record["commit"][:12]
+    assert record["commit"] == sweep.git(Path(ROOT), "rev-parse", "HEAD") and record["dirty"] is False
+    assert record["argv"][1] == "xql_td3.py" and set(record["versions"]) == {"python", *sweep.PACKAGES}
+    assert record["peak_memory_mb"] > 50 and record["imported"] is False
+    for seg in record["segments"]:
+        assert seg["started"] < seg["ended"] and seg["host"] and seg["peak_memory_mb"] > 50
+
+    # the same run, never stopped, from the same commit
+    _, runs = sweep.load_suite(suite)
+    run = next(r for r in runs if r.variant == "X-TD3")
+    whole = sweep.execute(run, str(tree), str(tmp_path / "whole"))
+    with open(out / "Pendulum-v1__X-TD3__1.csv") as f:
+        resumed_rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in resumed_rows] == [400, 800, 1200, 1600]
+    assert [float(r["eval_return"]) for r in resumed_rows] == [r["eval_return"] for r in whole["rows"]]
+
+
+def test_a_dirty_tree_is_refused_without_at_or_allow_dirty(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "git", lambda root, *args: " M xql_sac.py" if args[0] == "status" else "")
+    with pytest.raises(SystemExit, match="--allow-dirty"):
+        sweep.main([str(SUITES / "ci-tiny.toml"), "--results", str(tmp_path), "--workdir", str(tmp_path)])
+
+
+def test_results_md_lists_the_runs_commits_and_flags_a_suite_whose_scripts_differ(tmp_path, monkeypatch):
+    record = {"suite": "t", "script": "xql_sac.py", "versions": {"python": "3.11.7", "torch": "2.13.0"}}
+    for i, commit in enumerate(["a" * 40, "a" * 40, "b" * 40]):
+        write_fake_run(tmp_path, "Pendulum-v1", "X", i + 1, -150.0)
+        run = dict(record, run_id=f"Pendulum-v1__X__{i + 1}", commit=commit, dirty=False, imported=False)
+        (tmp_path / f"Pendulum-v1__X__{i + 1}.json").write_text(json.dumps(run) + "\n")
+    monkeypatch.setattr(plot, "script_blob", lambda commit, script: "same")
+    monkeypatch.setattr(plot, "changed_lines", lambda a, b, script: 7)
+    rows = "\n".join(plot.provenance_rows(tmp_path))
+    assert "| aaaaaaa | runner | 2 | python 3.11.7, torch 2.13.0 |" in rows and "| bbbbbbb | runner | 1 |" in rows
+    assert "Mixed code" not in rows  # two commits, one version of the script
+    monkeypatch.setattr(plot, "script_blob", lambda commit, script: commit[:1])
+    rows = "\n".join(plot.provenance_rows(tmp_path))
+    assert "**Mixed code:** the runs of xql_sac.py come from 2 different versions of it" in rows
+    assert "lines changed from aaaaaaa: 7" in rows
