@@ -6,30 +6,30 @@ variants (a script and its flags), the flags every run shares, and how many core
 Each run becomes one Ray task that reserves that many CPUs and runs the script with as many
 torch/OMP threads, so a local `ray.init()` runs one single-core run per core.
 
+The scripts run from a frozen commit with `--at REF` (a git worktree under --workdir, reused
+across invocations); without it a working tree whose tracked files differ from HEAD is refused
+unless --allow-dirty. SIGTERM, Ctrl-C or an --hours budget make every running run checkpoint and
+exit; the same command again skips finished runs, resumes checkpointed ones and starts the rest.
+
 For each finished run the driver writes
     results/<suite>/<env>__<variant>__<seed>.csv    env_id, variant, seed, step, eval_return
                                                     (+ normalized_score when the script logs it,
                                                     + the suite's [columns]: the mean of a logged
                                                     tag since the evaluation before, e.g. the
                                                     training return or the policy's entropy)
-    results/<suite>/<env>__<variant>__<seed>.json   one metadata line: command, flags, commit,
-                                                    wall time, SPS, peak memory, machine
-both taken from the run's TensorBoard events. A run whose CSV exists is skipped, so a suite can be
-rerun after an interruption, or on another machine, and the results accumulate. A run stopped
-part-way (Ctrl-C, SIGTERM, a job's time limit: every script checkpoints then, and every
---checkpoint-frequency steps if the suite's flags ask) continues from its checkpoint on the rerun,
-on the same machine and --workdir. `--rewrite` makes the CSVs of done runs again from their
-events in --workdir, for columns added to a suite after its runs. A run that fails is reported with the tail of its log while the
-others go on.
+    results/<suite>/<env>__<variant>__<seed>.json   the run's record, as `execute` wrote it
+the CSV from the run's TensorBoard events. `--rewrite` makes the CSVs of done runs again from their
+events in --workdir, for columns added to a suite after its runs. A run that fails is reported
+with the tail of its log while the others go on.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/sweep.py benchmarks/suites/mujoco.toml                  # local, one run per core
     python benchmarks/sweep.py benchmarks/suites/mujoco.toml --dry-run        # list the runs
-    python benchmarks/sweep.py benchmarks/suites/mujoco.toml --address auto   # join a Ray cluster
+    python benchmarks/sweep.py benchmarks/suites/mujoco.toml --at HEAD        # local, one run per core
+    python benchmarks/sweep.py benchmarks/suites/mujoco.toml --at HEAD --address auto   # a Ray cluster
     python benchmarks/plot.py results/mujoco                                  # curves and tables
 
-On a cluster (`--address`), the repository is shipped to the workers as Ray's working_dir, and
-only the CSV rows and metadata travel back: the TensorBoard events stay on the worker.
+On a cluster (`--address`), the code is shipped to the workers as Ray's working_dir, and only the
+CSV rows and records travel back: the TensorBoard events stay on the worker.
 """
 
 from __future__ import annotations
