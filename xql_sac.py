@@ -257,6 +257,61 @@ def temperature_loss(log_alpha, log_pi, target_entropy: float):
     return (-log_alpha.exp() * (log_pi.detach() + target_entropy)).mean()
 
 
+def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -> dict:
+    """One gradient step on a sampled batch: both critics, then V on the critics just updated, then
+    every `policy_frequency` steps the actor and temperature (that many times, as CleanRL), then the
+    Polyak average V_bar. Returns the losses and estimates to log, detached."""
+    b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
+    actor, qf1, qf2, vf, vf_target = (learner[k] for k in ("actor", "qf1", "qf2", "vf", "vf_target"))
+    log_alpha = learner["log_alpha"]
+    alpha = log_alpha.exp().item() if args.autotune else args.alpha
+    with torch.no_grad():
+        q_target = critic_target(b_rewards, b_dones, vf_target(b_next_obs), args.gamma)
+    qf1_a, qf2_a = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+    qf1_loss, qf2_loss = critic_loss(qf1_a, qf2_a, q_target)
+    learner["q_optimizer"].zero_grad(set_to_none=True)
+    (qf1_loss + qf2_loss).backward()
+    learner["q_optimizer"].step()
+
+    # value, on the critics just updated; the same sample serves the first actor update below (the
+    # value step changes neither actor nor critics), so it keeps its graph
+    actor_step = step % args.policy_frequency == 0
+    with torch.set_grad_enabled(actor_step):
+        pi, log_pi, _ = actor.get_action(b_obs)
+        q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
+    v_target = soft_value_sample(q1_pi.detach(), q2_pi.detach(), log_pi.detach(), alpha, args.value_loss)
+    v = vf(b_obs)
+    v_loss = value_loss_fn(v, v_target, args.value_loss, args.beta, args.exp_clip)
+    learner["v_optimizer"].zero_grad(set_to_none=True)
+    v_loss.backward()
+    learner["v_optimizer"].step()
+    logs = dict(q_target=q_target, qf1_a=qf1_a.detach(), qf2_a=qf2_a.detach(), v=v.detach(), v_target=v_target,
+                qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), value_loss=v_loss.detach())
+
+    if actor_step:  # delayed as CleanRL, repeated to compensate, a fresh sample each time
+        for i in range(args.policy_frequency):
+            if i > 0:
+                pi, log_pi, _ = actor.get_action(b_obs)
+                q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
+            actor_loss = actor_loss_fn(log_pi, q1_pi, q2_pi, alpha)
+            learner["actor_optimizer"].zero_grad(set_to_none=True)
+            actor_loss.backward()
+            learner["actor_optimizer"].step()
+            logs["actor_loss"] = actor_loss.detach()
+            if args.autotune:
+                alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy)
+                learner["a_optimizer"].zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                learner["a_optimizer"].step()
+                alpha = log_alpha.exp().item()
+                logs["alpha_loss"] = alpha_loss.detach()
+
+    if step % args.target_network_frequency == 0:
+        with torch.no_grad():
+            for p_target, p in zip(vf_target.parameters(), vf.parameters()):
+                p_target.lerp_(p, args.lam)
+    return {**logs, "alpha": alpha}
+
 def train(args: Args) -> None:
     if args.eval_model:  # evaluate a saved model or checkpoint, and exit
         r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
@@ -303,7 +358,6 @@ def train(args: Args) -> None:
     learner.update(q_optimizer=q_optimizer, v_optimizer=v_optimizer, a_optimizer=a_optimizer, rb=rb)
     learner.update(actor_optimizer=actor_optimizer)
     start_step = restore(checkpoint, learner) if checkpoint else 0
-    alpha = log_alpha.exp().item() if args.autotune else args.alpha
     env, obs = resume_episode(checkpoint, env, args.seed + start_step)
     value = f"beta {args.beta} ({beta_source})" if args.value_loss == "gumbel" else "SAC value loss"
     print(f"{SCRIPT}: {args.env_id}, {value}, alpha {args.alpha}, {device}, runs/{run_name}")
@@ -311,7 +365,7 @@ def train(args: Args) -> None:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
-    actor_loss, alpha_loss = torch.tensor(float("nan")), torch.tensor(float("nan"))
+    logs = dict(actor_loss=torch.tensor(float("nan")), alpha_loss=torch.tensor(float("nan")))
     for global_step in range(start_step, args.total_timesteps):
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
@@ -335,66 +389,13 @@ def train(args: Args) -> None:
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
-            with torch.no_grad():
-                q_target = critic_target(b_rewards, b_dones, vf_target(b_next_obs), args.gamma)
-            qf1_a, qf2_a = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-            qf1_loss, qf2_loss = critic_loss(qf1_a, qf2_a, q_target)
-            q_optimizer.zero_grad(set_to_none=True)
-            (qf1_loss + qf2_loss).backward()
-            q_optimizer.step()
-
-            # value, on the critics just updated; the same sample serves the first actor update
-            # below (the value step changes neither actor nor critics), so it keeps its graph
-            actor_step = global_step % args.policy_frequency == 0
-            with torch.set_grad_enabled(actor_step):
-                pi, log_pi, _ = actor.get_action(b_obs)
-                q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
-            v_target = soft_value_sample(q1_pi.detach(), q2_pi.detach(), log_pi.detach(), alpha,
-                                         args.value_loss)
-            v = vf(b_obs)
-            v_loss = value_loss_fn(v, v_target, args.value_loss, args.beta, args.exp_clip)
-            v_optimizer.zero_grad(set_to_none=True)
-            v_loss.backward()
-            v_optimizer.step()
-            if not torch.isfinite(v_loss + qf1_loss + qf2_loss):
+            logs.update(update(rb.sample(args.batch_size, device), learner, args, target_entropy, global_step))
+            if not torch.isfinite(logs["value_loss"] + logs["qf1_loss"] + logs["qf2_loss"]):
                 sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
-
-            if actor_step:  # delayed as CleanRL, repeated to compensate, a fresh sample each time
-                for i in range(args.policy_frequency):
-                    if i > 0:
-                        pi, log_pi, _ = actor.get_action(b_obs)
-                        q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
-                    actor_loss = actor_loss_fn(log_pi, q1_pi, q2_pi, alpha)
-                    actor_optimizer.zero_grad(set_to_none=True)
-                    actor_loss.backward()
-                    actor_optimizer.step()
-                    if args.autotune:
-                        alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy)
-                        a_optimizer.zero_grad(set_to_none=True)
-                        alpha_loss.backward()
-                        a_optimizer.step()
-                        alpha = log_alpha.exp().item()
-
-            if global_step % args.target_network_frequency == 0:
-                with torch.no_grad():
-                    for p_target, p in zip(vf_target.parameters(), vf.parameters()):
-                        p_target.lerp_(p, args.lam)
-
             if global_step % args.log_frequency == 0:
-                bonus = alpha * act_dim * (args.value_loss == "sac")  # SAC: |alpha H| at H = -dim A
-                check_values(qf1_a, rb.rewards[: rb.size], args.gamma, bonus, global_step)
-                # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
-                logs = dict(qf1_values=qf1_a.mean(), qf2_values=qf2_a.mean(), v_values=v.mean(),
-                            v_target_values=v_target.mean(), qf1_loss=qf1_loss, qf2_loss=qf2_loss,
-                            qf_loss=(qf1_loss + qf2_loss) / 2.0, value_loss=v_loss, alpha=alpha,
-                            max_z=((v_target - v) / args.beta).max(), actor_loss=actor_loss)
-                if args.autotune:
-                    logs["alpha_loss"] = alpha_loss
-                for tag, value in logs.items():
-                    writer.add_scalar(f"losses/{tag}", value, global_step)  # detaches
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
+                bonus = logs["alpha"] * act_dim * (args.value_loss == "sac")  # SAC: |alpha H| at H = -dim A
+                check_values(logs["qf1_a"], rb.rewards[: rb.size], args.gamma, bonus, global_step)
+                log_losses(writer, logs, args, global_step, start_step, start_time)
 
         done = global_step + 1  # steps taken
         if done % args.eval_frequency == 0 or done == args.total_timesteps:
@@ -486,6 +487,20 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
         sys.exit(f"error: the values diverged at step {step} (mean |Q| {mean:.4g} > 10 x "
                  f"{bound:.4g}); try a larger --beta (X-SAC) or a smaller --q-lr")
 
+
+def log_losses(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float) -> None:
+    """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
+    # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
+    scalars = dict(qf1_values=logs["qf1_a"].mean(), qf2_values=logs["qf2_a"].mean(), v_values=logs["v"].mean(),
+                   v_target_values=logs["v_target"].mean(), qf1_loss=logs["qf1_loss"], qf2_loss=logs["qf2_loss"],
+                   qf_loss=(logs["qf1_loss"] + logs["qf2_loss"]) / 2.0, value_loss=logs["value_loss"],
+                   alpha=logs["alpha"], max_z=((logs["v_target"] - logs["v"]) / args.beta).max(),
+                   actor_loss=logs["actor_loss"])
+    if args.autotune:
+        scalars["alpha_loss"] = logs["alpha_loss"]
+    for tag, value in scalars.items():
+        writer.add_scalar(f"losses/{tag}", value, step)
+    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
 
 @torch.no_grad()
 def evaluate_policy(actor, env, n_episodes: int, device, seed: int, critics=(), gamma=0.99):

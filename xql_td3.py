@@ -244,6 +244,40 @@ def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
             p_target.lerp_(p, lam)
 
 
+def update(batch, learner: dict, args: Args, bounds, step: int) -> dict:
+    """One gradient step on a sampled batch: the critics on Eq. 9's target at the smoothed target
+    action, then every `policy_frequency` steps the actor and the Polyak targets (TD3's delay).
+    Returns the losses and estimates to log, detached."""
+    b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
+    actor, actor_target = learner["actor"], learner["actor_target"]
+    n_critics = 2 if args.double_q else 1
+    critics = [learner[f"qf{i}"] for i in range(1, n_critics + 1)]
+    critics_target = [learner[f"qf{i}_target"] for i in range(1, n_critics + 1)]
+    with torch.no_grad():
+        noise = torch.randn_like(b_actions) * args.policy_noise
+        noise = noise.clamp(-args.noise_clip, args.noise_clip) * actor.action_scale
+        next_actions = (actor_target(b_next_obs) + noise).clamp(*bounds)
+        q_next = [qf_target(b_next_obs, next_actions) for qf_target in critics_target]
+        y = xtd3_target(b_rewards, b_dones, q_next[0], q_next[-1], args.gamma, args.double_q)
+    q_values = [qf(b_obs, b_actions) for qf in critics]
+    q_losses = [critic_loss_fn(q, y, args.critic_loss, args.beta, args.exp_clip) for q in q_values]
+    q_loss = sum(q_losses)
+    learner["q_optimizer"].zero_grad(set_to_none=True)
+    q_loss.backward()
+    learner["q_optimizer"].step()
+    logs = dict(y=y, q_values=[q.detach() for q in q_values], q_losses=[loss.detach() for loss in q_losses],
+                q_loss=q_loss.detach())
+
+    if step % args.policy_frequency == 0:  # delayed actor and Polyak targets, as TD3
+        actor_loss = actor_loss_fn(critics[0](b_obs, actor(b_obs)))
+        learner["actor_optim"].zero_grad(set_to_none=True)
+        actor_loss.backward()
+        learner["actor_optim"].step()
+        for target, online in [(actor_target, actor), *zip(critics_target, critics)]:
+            polyak(target, online, args.lam)
+        logs["actor_loss"] = actor_loss.detach()
+    return logs
+
 def train(args: Args) -> None:
     if args.eval_model:  # evaluate a saved model or checkpoint, and exit
         r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
@@ -285,7 +319,7 @@ def train(args: Args) -> None:
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
     action_scale = actor.action_scale
-    action_low, action_high = (torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
+    bounds = tuple(torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(actor=actor, actor_target=actor_target, q_optimizer=q_optimizer, rb=rb)
     learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)}, actor_optim=actor_optimizer)
@@ -298,7 +332,7 @@ def train(args: Args) -> None:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
-    actor_loss = torch.tensor(float("nan"))  # logged before the first actor update
+    logs = dict(actor_loss=torch.tensor(float("nan")))  # logged before the first actor update
     for global_step in range(start_step, args.total_timesteps):
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
@@ -311,7 +345,7 @@ def train(args: Args) -> None:
             with torch.no_grad():
                 action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
                 action = action + torch.randn_like(action) * action_scale * args.exploration_noise
-            action = action.clamp(action_low, action_high).cpu().numpy()
+            action = action.clamp(*bounds).cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
         # next_obs is the true last observation also at a truncation: the target bootstraps from it
         rb.add(obs, action, reward, next_obs, terminated)
@@ -322,45 +356,12 @@ def train(args: Args) -> None:
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            b_obs, b_actions, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
-            with torch.no_grad():
-                noise = torch.randn_like(b_actions) * args.policy_noise
-                noise = noise.clamp(-args.noise_clip, args.noise_clip) * action_scale
-                next_actions = (actor_target(b_next_obs) + noise).clamp(action_low, action_high)
-                q_next = [qf_target(b_next_obs, next_actions) for qf_target in critics_target]
-                y = xtd3_target(b_rewards, b_dones, q_next[0], q_next[-1], args.gamma,
-                                args.double_q)
-            q_values = [qf(b_obs, b_actions) for qf in critics]
-            loss_args = (args.critic_loss, args.beta, args.exp_clip)
-            q_losses = [critic_loss_fn(q, y, *loss_args) for q in q_values]
-            q_loss = sum(q_losses)
-            if not torch.isfinite(q_loss):
+            logs.update(update(rb.sample(args.batch_size, device), learner, args, bounds, global_step))
+            if not torch.isfinite(logs["q_loss"]):
                 sys.exit(f"error: the critic loss is not finite at step {global_step}: raise beta")
-            q_optimizer.zero_grad(set_to_none=True)
-            q_loss.backward()
-            q_optimizer.step()
-
-            if global_step % args.policy_frequency == 0:  # delayed actor and Polyak targets, as TD3
-                actor_loss = actor_loss_fn(critics[0](b_obs, actor(b_obs)))
-                actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                actor_optimizer.step()
-                for target, online in [(actor_target, actor), *zip(critics_target, critics)]:
-                    polyak(target, online, args.lam)
-
             if global_step % args.log_frequency == 0:
-                check_values(q_values[0], rb.rewards[: rb.size], args.gamma, 0.0, global_step)
-                for i, (q, loss) in enumerate(zip(q_values, q_losses), start=1):
-                    writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), global_step)
-                    writer.add_scalar(f"losses/qf{i}_loss", loss.item(), global_step)
-                writer.add_scalar("losses/qf_loss", q_loss.item() / len(critics), global_step)
-                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
-                # the largest residual z of the batch: it explodes when X-TD3 goes unstable
-                max_z = ((y - q_values[0]) / args.beta).max().item()
-                writer.add_scalar("losses/max_z", max_z, global_step)
-                writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
+                check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0, global_step)
+                log_losses(writer, logs, args, global_step, start_step, start_time)
 
         done = global_step + 1  # steps taken
         if done % args.eval_frequency == 0 or done == args.total_timesteps:
@@ -452,6 +453,18 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
         sys.exit(f"error: the values diverged at step {step} (mean |Q| {mean:.4g} > 10 x "
                  f"{bound:.4g}); try a larger --beta (X-TD3) or a smaller --learning-rate")
 
+
+def log_losses(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float) -> None:
+    """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
+    for i, (q, loss) in enumerate(zip(logs["q_values"], logs["q_losses"]), start=1):
+        writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), step)
+        writer.add_scalar(f"losses/qf{i}_loss", loss.item(), step)
+    writer.add_scalar("losses/qf_loss", logs["q_loss"].item() / len(logs["q_values"]), step)
+    writer.add_scalar("losses/target_values", logs["y"].mean().item(), step)
+    # the largest residual z of the batch: it explodes when X-TD3 goes unstable
+    writer.add_scalar("losses/max_z", ((logs["y"] - logs["q_values"][0]) / args.beta).max().item(), step)
+    writer.add_scalar("losses/actor_loss", logs["actor_loss"].item(), step)
+    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
 
 @torch.no_grad()
 def evaluate_policy(actor, env, n_episodes: int, device, seed: int, critics=(), gamma=0.99):
