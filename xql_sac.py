@@ -11,7 +11,7 @@ Docs: docs/xql_online.md. `--value-loss sac` is SAC with a value network, from t
   temperature  min E[-alpha (ln pi(a|s) - dim(A))]                            as SAC
 
 V_bar is the Polyak average of V; the critics have no target networks of their own. Defaults
-follow CleanRL's sac_continuous_action.py; beta comes from BETA_DEFAULTS per env.
+follow CleanRL's sac_continuous_action.py; beta comes from BETA_DEFAULTS per env (see --help).
 
     python xql_sac.py --env-id dm_control/cheetah-run-v0
     python xql_sac.py --env-id Hopper-v5 --value-loss sac
@@ -60,8 +60,12 @@ class Args:
     """the learning rate of the critic, value and temperature optimizers"""
     hidden_size: int = 256
     """width of the two hidden layers of every network (the paper, on DM Control: 1024)"""
+    ortho_init: bool = False
+    """orthogonal weights (gain 1) and zero biases in every layer, as the authors' online code"""
     policy_frequency: int = 2
-    """the frequency of the actor and temperature updates (done this many times to compensate)"""
+    """the frequency of the actor and temperature updates"""
+    policy_repeats: int | None = None
+    """actor and temperature updates at each of those steps; default: policy_frequency, as CleanRL (the authors: 1)"""
     target_network_frequency: int = 1
     """the frequency of updates of the target value network"""
     alpha: float = 0.2
@@ -71,7 +75,7 @@ class Args:
     value_loss: Literal["gumbel", "sac"] = "gumbel"
     """`gumbel`: X-SAC, Gumbel regression on min Q; `sac`: SAC, MSE on min Q - alpha ln pi"""
     beta: float | None = None
-    """the Gumbel regression temperature beta; default: BETA_DEFAULTS for the env"""
+    """Gumbel temperature beta; default by env: cheetah-run, walker-run 2, hopper-hop 1, quadruped-run 5, Gym MuJoCo 100, else 2"""
     exp_clip: float = 8.0
     """upper clip c of the residual z = (y - V)/beta in the Gumbel loss (the paper: 8)"""
 
@@ -108,9 +112,10 @@ class Args:
 
 
 # V sits above the mean of min Q over the policy's actions by about Var[Q]/(2 beta): Gym MuJoCo
-# (Q ~ 100, spread by tens) needs 100, not the paper's 1-5 (docs/xql_online.md); DMC: its Table 6
+# (Q ~ 100, spread by tens) needs 100, not the paper's 1-5 (docs/xql_online.md)
 BETA_DEFAULTS = dict.fromkeys(("Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid"), 100.0)
-BETA_DEFAULTS.update({"cheetah-run": 2.0, "walker-run": 1.0, "hopper-hop": 2.0, "quadruped-run": 5})
+# DMC: the authors' sac_experiments.json; Table 6 prints walker-run 1 and hopper-hop 2, the two swapped
+BETA_DEFAULTS.update({"cheetah-run": 2.0, "walker-run": 2.0, "hopper-hop": 1.0, "quadruped-run": 5})
 BETA_FALLBACK = 2.0
 
 
@@ -141,6 +146,12 @@ def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, eve
 def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
     layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(hidden, out_dim))
+
+
+def orthogonal_init(layer: nn.Module) -> None:
+    if isinstance(layer, nn.Linear):
+        nn.init.orthogonal_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 class ValueNetwork(nn.Module):
@@ -288,8 +299,8 @@ def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -
     logs = dict(q_target=q_target, qf1_a=qf1_a.detach(), qf2_a=qf2_a.detach(), v=v.detach(), v_target=v_target,
                 qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), value_loss=v_loss.detach())
 
-    if actor_step:  # delayed as CleanRL, repeated to compensate, a fresh sample each time
-        for i in range(args.policy_frequency):
+    if actor_step:  # delayed as CleanRL, repeated to compensate (--policy-repeats), a fresh sample each time
+        for i in range(args.policy_frequency if args.policy_repeats is None else args.policy_repeats):
             if i > 0:
                 pi, log_pi, _ = actor.get_action(b_obs)
                 q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
@@ -344,6 +355,9 @@ def train(args: Args) -> None:
     qf2 = ValueNetwork(obs_dim + act_dim, args.hidden_size).to(device)
     vf = ValueNetwork(obs_dim, args.hidden_size).to(device)
     vf_target = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    if args.ortho_init:  # the authors' online init; PyTorch's default otherwise, as CleanRL
+        for net in (actor, qf1, qf2, vf):
+            net.apply(orthogonal_init)
     vf_target.load_state_dict(vf.state_dict())
     # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
     q_optimizer = torch.optim.Adam([*qf1.parameters(), *qf2.parameters()], lr=args.q_lr, fused=True)
@@ -446,6 +460,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.checkpoint_frequency >= 0, "--checkpoint-frequency must be >= 0; 0 turns it off"),
         (min(args.batch_size, args.buffer_size, args.policy_frequency) >= 1,
          "--batch-size, --buffer-size and --policy-frequency must be positive"),
+        (args.policy_repeats is None or args.policy_repeats >= 1, "--policy-repeats must be >= 1"),
     ]:  # fmt: skip
         if not ok:
             sys.exit(f"error: {msg}")
