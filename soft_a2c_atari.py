@@ -18,6 +18,7 @@ life lost ends a training episode; truncations bootstrap from V of the true last
     python soft_a2c_atari.py --env-id BreakoutNoFrameskip-v4 --update soft-q
 """
 
+import importlib.util
 import os
 import random
 import re
@@ -99,7 +100,7 @@ class Args:
     """checkpoint at the first update after every this many steps; 0: only on SIGTERM or Ctrl-C. A
     resumed run starts new games (ale-py's vector env cannot save its emulators)"""
     resume: str | None = None
-    """continue the run of this checkpoint, with its flags (see RESUME_FLAGS)"""
+    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at the first update at or after this step, continued with --resume"""
     eval_model: str | None = None
@@ -124,7 +125,8 @@ def atari_game(env_id: str) -> str:
     if "-ram" in env_id or snake not in roms:
         raise SystemExit(
             f"error: {env_id} is not an Atari game with image observations and discrete actions; "
-            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5 (continuous control: xql_sac.py)"
+            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other discrete "
+            "envs (CartPole, ...); continuous control: xql_sac.py"
         )
     return snake
 
@@ -307,6 +309,7 @@ def train(args: Args) -> None:
     every = args.checkpoint_frequency
     next_checkpoint = (global_step // every + 1) * every if every else 0  # at the update after it
     start_time = time.time()
+    progress, last_return = Progress(args.total_timesteps, start_step), None
     obs, reset_info = envs.reset(seed=args.seed + start_step)
     obs = torch.as_tensor(obs, device=device)
     lives = reset_info["lives"]
@@ -316,7 +319,7 @@ def train(args: Args) -> None:
         if stop_signals or (args.stop_at is not None and global_step >= args.stop_at):
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, counters)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if every and global_step >= next_checkpoint:
             next_checkpoint = (global_step // every + 1) * every
@@ -349,6 +352,7 @@ def train(args: Args) -> None:
             for i in np.flatnonzero(terminated | truncated):
                 if truncated[i] or not life_lost[i]:
                     writer.add_scalar("charts/episodic_return", game_returns[i], global_step)
+                    last_return = game_returns[i]
                     writer.add_scalar("charts/episodic_length", game_lengths[i], global_step)
                     game_returns[i], game_lengths[i] = 0.0, 0
             obs = torch.as_tensor(next_obs, device=device)
@@ -401,8 +405,10 @@ def train(args: Args) -> None:
                                       f"eval-step-{global_step}")  # fmt: skip
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
-            print(f"step {global_step}: eval return {returns.mean():.1f} +- {returns.std():.1f}, "
-                  f"SPS {sps}")
+            progress.print(f"step {global_step}: eval return {returns.mean():.1f} +- {returns.std():.1f}, "
+                           f"SPS {sps}")
+        progress.update(global_step, last_return)
+    progress.print()
 
     if every:  # the end too, so that a finished run can be extended with --resume
         counters = dict(iteration=num_updates, next_eval=next_eval, n_actions=int(n_actions))
@@ -427,6 +433,11 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
     step = checkpoint["global_step"] if checkpoint else 0
     rollout = args.num_envs * args.num_steps
     for ok, msg in [
+        (0 < args.gamma < 1, f"--gamma must be in (0, 1) (got {args.gamma}); 0.99 is usual"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
+        (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
+        (args.learning_rate > 0, "--learning-rate must be > 0"),
+        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.tau > 0, f"--tau must be > 0 (got {args.tau}); the paper uses 0.01"),
         (args.num_envs >= 1, f"--num-envs must be at least 1 (got {args.num_envs}); the paper: 16"),
         (args.num_steps >= 1, f"--num-steps must be at least 1 (got {args.num_steps}); A2C uses 5"),
@@ -508,6 +519,36 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", max_frames=None,
                            video_folder)
 
 
+class Progress:
+    """Steps done of the total, steps per second, time left and the last return, on one line:
+    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.step, self.shown, self.rate = total, start, time.time(), None
+        self.tty = sys.stdout.isatty()
+        self.every = 0.25 if self.tty else 30.0
+
+    def update(self, step: int, last_return) -> None:
+        """Called every step with the steps done; draws only when `every` seconds have passed."""
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
+        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, rate = step, now, self.rate
+        left = int((self.total - step) / rate) if rate > 0 else 0
+        last = "-" if last_return is None else f"{float(last_return):.1f}"
+        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                f"{left % 60:02d} left, last return {last}")
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def print(self, message: str | None = None) -> None:
+        """A line of its own, above the progress line on a terminal; none: end the progress line."""
+        if message is None:
+            return print(flush=True) if self.tty else None
+        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+
+
 def make_writer(args: Args, run_name: str, purge_step: int | None):
     """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
     logs into its own folder and hides what the stopped run logged from purge_step on."""
@@ -528,6 +569,7 @@ RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "t
 
 def load_checkpoint(path: str, flag: str) -> dict:
     """A checkpoint or saved model written by this script (our own file: trusted, unpickled)."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path  # a run folder
     if not os.path.isfile(path):
         sys.exit(f"error: {flag} {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
     try:

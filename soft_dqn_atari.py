@@ -18,6 +18,7 @@ Atari is ale-py's vector env with DeepMind's preprocessing; the replay stores ea
     python soft_dqn_atari.py --env-id ALE/Pong-v5 --target kl --n-step 3
 """
 
+import importlib.util
 import os
 import random
 import re
@@ -103,7 +104,7 @@ class Args:
     """put the replay buffer in checkpoints too (7 GB at 1M frames); without it a resumed run
     refills the buffer for --learning-starts steps before training"""
     resume: str | None = None
-    """continue the run of this checkpoint, with its flags (see RESUME_FLAGS)"""
+    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --checkpoint-buffer, --stop-at and --cuda may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -128,7 +129,8 @@ def atari_game(env_id: str) -> str:
     if "-ram" in env_id or snake not in roms:
         raise SystemExit(
             f"error: {env_id} is not an Atari game with image observations and discrete actions; "
-            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5 (continuous control: xql_sac.py)"
+            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other discrete "
+            "envs (CartPole, ...); continuous control: xql_sac.py"
         )
     return snake
 
@@ -395,15 +397,18 @@ def train(args: Args) -> None:
         restore(checkpoint, learner, rb, rng)
         learning_starts += 0 if saved_rb else start_step  # without its buffer: refill it first
         del checkpoint  # its copy of the buffer can be large
-    target = f"{args.target} (tau {args.tau})" if args.target != "hard" else "hard"
+    # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py uses tau for the target update
+    target = f"{args.target} (temperature --tau {args.tau})" if args.target != "hard" else "hard"
+    capped = f" (the run's length, under --buffer-size {args.buffer_size})" if capacity < args.buffer_size else ""
     print(f"{SCRIPT}: {game}, {n_actions} actions, target {target}, {args.n_step}-step; replay "
-          f"buffer {rb.capacity} frames = {rb.nbytes / 2**30:.2f} GiB; {device}; runs/{run_name}")
+          f"buffer {rb.capacity} frames{capped} = {rb.nbytes / 2**30:.2f} GiB; {device}; runs/{run_name}")
     if start_step:
         how = "restored" if saved_rb else f"refilled to step {learning_starts}"
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}, new games; "
               f"buffer {how}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
+    progress, last_return = Progress(args.total_timesteps, start_step), None
     obs, _ = env.reset(seed=args.seed + start_step)
     rb.start_episode(obs[0])
     game_return, game_length = 0.0, 0
@@ -411,7 +416,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, rb, rng)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         duration = int(args.exploration_fraction * args.total_timesteps)
         epsilon = linear_schedule(args.start_e, args.end_e, duration, global_step)
@@ -432,6 +437,7 @@ def train(args: Args) -> None:
         game_over = truncated[0] or (terminated[0] and lost_all)
         if game_over:
             writer.add_scalar("charts/episodic_return", game_return, global_step)
+            last_return = game_return
             writer.add_scalar("charts/episodic_length", game_length, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             game_return, game_length = 0.0, 0
@@ -475,11 +481,13 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             writer.add_scalar("eval/episodic_length", lengths.mean(), global_step)
             sps = int((done - start_step) / (time.time() - start_time))
-            print(f"step {done}: eval return {returns.mean():.1f} +- {returns.std():.1f} "
-                  f"({lengths.mean():.0f} steps a game), epsilon {epsilon:.3f}, SPS {sps}")
+            progress.print(f"step {done}: eval return {returns.mean():.1f} +- {returns.std():.1f} "
+                           f"({lengths.mean():.0f} steps a game), epsilon {epsilon:.3f}, SPS {sps}")
         end = done == args.total_timesteps
         if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, done, args, run_name, learner, rb, rng)
+        progress.update(done, last_return)
+    progress.print()
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
@@ -500,6 +508,11 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
     """Stop with a one-line error naming the fix, before anything is built."""
     step = checkpoint["global_step"] if checkpoint else 0
     for ok, msg in [
+        (0 < args.gamma < 1, f"--gamma must be in (0, 1) (got {args.gamma}); 0.99 is usual"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
+        (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
+        (args.learning_rate > 0, "--learning-rate must be > 0"),
+        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
         (step < args.total_timesteps,
          f"the run in {args.resume} is complete ({step} steps); extend it with --total-timesteps"),
@@ -588,6 +601,36 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", video_folder=Non
     return returns
 
 
+class Progress:
+    """Steps done of the total, steps per second, time left and the last return, on one line:
+    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.step, self.shown, self.rate = total, start, time.time(), None
+        self.tty = sys.stdout.isatty()
+        self.every = 0.25 if self.tty else 30.0
+
+    def update(self, step: int, last_return) -> None:
+        """Called every step with the steps done; draws only when `every` seconds have passed."""
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
+        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, rate = step, now, self.rate
+        left = int((self.total - step) / rate) if rate > 0 else 0
+        last = "-" if last_return is None else f"{float(last_return):.1f}"
+        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                f"{left % 60:02d} left, last return {last}")
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def print(self, message: str | None = None) -> None:
+        """A line of its own, above the progress line on a terminal; none: end the progress line."""
+        if message is None:
+            return print(flush=True) if self.tty else None
+        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+
+
 def make_writer(args: Args, run_name: str, purge_step: int | None):
     """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
     logs into its own folder and hides what the stopped run logged from purge_step on."""
@@ -609,6 +652,7 @@ RESUME_FLAGS += ("track",)
 
 def load_checkpoint(path: str, flag: str) -> dict:
     """A checkpoint or saved model written by this script (our own file: trusted, unpickled)."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path  # a run folder
     if not os.path.isfile(path):
         sys.exit(f"error: {flag} {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
     try:

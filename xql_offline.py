@@ -18,6 +18,7 @@ a D4RL name read from D4RL's cache folder, or a Minari id; tools/ makes datasets
     python xql_offline.py --dataset data/hopper-good.hdf5 --value-loss expectile
 """
 
+import importlib.util
 import os
 import random
 import re
@@ -89,7 +90,7 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint the learner every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint, with its flags (see RESUME_FLAGS)"""
+    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -280,11 +281,12 @@ def train(args: Args) -> None:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
+    progress, last_return = Progress(args.total_timesteps, start_step), None
     for global_step in range(start_step, args.total_timesteps):
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, eval_env)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         idx = torch.randint(0, n_data, (args.batch_size,), device=device)
         b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
@@ -338,15 +340,18 @@ def train(args: Args) -> None:
         if done % args.eval_frequency == 0 or done == args.total_timesteps:
             returns = evaluate_policy(policy, env, args.eval_episodes, device, args.seed + 10_000)
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+            last_return = returns.mean()
             line = f"step {done}: eval return {returns.mean():.1f}"
             if info["ref_scores"] is not None:
                 score = normalized_score(returns, *info["ref_scores"])
                 writer.add_scalar("eval/normalized_score", score.mean(), global_step)
                 line += f", normalized score {score.mean():.1f}"
-            print(f"{line}, SPS {int((done - start_step) / (time.time() - start_time))}")
+            progress.print(f"{line}, SPS {int((done - start_step) / (time.time() - start_time))}")
         end = done == args.total_timesteps
         if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, done, args, run_name, learner, eval_env)
+        progress.update(done, last_return)
+    progress.print()
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
@@ -368,6 +373,11 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
     """Stop with a one-line error naming the fix, before anything is loaded."""
     step = checkpoint["global_step"] if checkpoint else 0
     for ok, msg in [
+        (0 < args.gamma < 1, f"--gamma must be in (0, 1) (got {args.gamma}); 0.99 is usual"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
+        (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
+        (args.learning_rate > 0, "--learning-rate must be > 0"),
+        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
         (step < args.total_timesteps,
          f"the run in {args.resume} is complete ({step} steps); extend it with --total-timesteps"),
@@ -403,7 +413,11 @@ def read_d4rl_hdf5(path: str) -> tuple[dict, dict]:
         raise SystemExit(f"error: dataset file {path} does not exist (tools/ makes datasets)")
     import h5py
 
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:  # empty, or a half-downloaded or text file
+        raise SystemExit(f"error: {path} is not an HDF5 file (empty or cut short?); make it again or download it again") from None
+    with f:
         missing = [k for k in D4RL_REQUIRED_KEYS if k not in f]
         if missing:
             raise SystemExit(
@@ -628,6 +642,36 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(policy.to(device), env, eval_episodes, torch.device(device), seed)
 
 
+class Progress:
+    """Steps done of the total, steps per second, time left and the last return, on one line:
+    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.step, self.shown, self.rate = total, start, time.time(), None
+        self.tty = sys.stdout.isatty()
+        self.every = 0.25 if self.tty else 30.0
+
+    def update(self, step: int, last_return) -> None:
+        """Called every step with the steps done; draws only when `every` seconds have passed."""
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
+        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, rate = step, now, self.rate
+        left = int((self.total - step) / rate) if rate > 0 else 0
+        last = "-" if last_return is None else f"{float(last_return):.1f}"
+        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                f"{left % 60:02d} left, last return {last}")
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def print(self, message: str | None = None) -> None:
+        """A line of its own, above the progress line on a terminal; none: end the progress line."""
+        if message is None:
+            return print(flush=True) if self.tty else None
+        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+
+
 def make_writer(args: Args, run_name: str, purge_step: int | None):
     """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
     logs into its own folder and hides what the stopped run logged from purge_step on."""
@@ -648,6 +692,7 @@ RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "t
 
 def load_checkpoint(path: str, flag: str) -> dict:
     """A checkpoint or saved model written by this script (our own file: trusted, unpickled)."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path  # a run folder
     if not os.path.isfile(path):
         sys.exit(f"error: {flag} {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
     try:

@@ -17,6 +17,7 @@ from BETA_DEFAULTS per env (see --help).
     python xql_td3.py --env-id Hopper-v5 --critic-loss mse
 """
 
+import importlib.util
 import os
 import pickle
 import random
@@ -25,7 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -50,8 +51,8 @@ class Args:
     """the replay memory buffer size"""
     gamma: float = 0.99
     """the discount factor gamma"""
-    lam: float = 0.005
-    """Polyak rate lambda of the target networks (CleanRL's `tau`)"""
+    lam: Annotated[float, tyro.conf.arg(aliases=("--tau",))] = 0.005
+    """Polyak rate lambda of the target networks (CleanRL's `tau`, also accepted)"""
     batch_size: int = 256
     """the size of a batch sampled from the replay memory"""
     hidden_size: int = 256
@@ -92,7 +93,7 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint, with its flags, in a new episode (see RESUME_FLAGS)"""
+    """continue the run of this checkpoint (or run folder), in a new episode; only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -338,12 +339,13 @@ def train(args: Args) -> None:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
     start_time = time.time()
+    progress, last_return = Progress(args.total_timesteps, start_step), None
     logs = dict(actor_loss=torch.tensor(float("nan")))  # logged before the first actor update
     for global_step in range(start_step, args.total_timesteps):
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if global_step < args.learning_starts:
             action = env.action_space.sample()
@@ -357,7 +359,8 @@ def train(args: Args) -> None:
         rb.add(obs, action, reward, next_obs, terminated)
         obs = next_obs
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            last_return = info["episode"]["r"]
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
             writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
             obs, _ = env.reset()
 
@@ -379,11 +382,13 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/q_estimate", q_estimate, global_step)
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((done - start_step) / (time.time() - start_time))
-            print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
-                  f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
+            progress.print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
+                           f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
         end = done == args.total_timesteps
         if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, done, args, run_name, learner, (env, obs))
+        progress.update(done, last_return)
+    progress.print()
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
@@ -405,6 +410,12 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
     """Stop with a one-line error naming the fix, before anything is built."""
     step = checkpoint["global_step"] if checkpoint else 0
     for ok, msg in [
+        (0 < args.gamma < 1, f"--gamma must be in (0, 1) (got {args.gamma}); 0.99 is usual"),
+        (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
+        (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
+        (args.learning_rate > 0, "--learning-rate must be > 0"),
+        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.buffer_size >= args.batch_size, f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
         (not args.env_id.startswith("ALE/") and "NoFrameskip" not in args.env_id,
          f"--env-id {args.env_id} is an Atari game: use soft_dqn_atari.py or soft_a2c_atari.py"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
@@ -429,7 +440,7 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
     """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
-                 "(discrete actions: soft_dqn_atari.py, soft_a2c_atari.py)")
+                 "(discrete actions: Atari games only, with soft_dqn_atari.py or soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -511,6 +522,36 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
+class Progress:
+    """Steps done of the total, steps per second, time left and the last return, on one line:
+    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.step, self.shown, self.rate = total, start, time.time(), None
+        self.tty = sys.stdout.isatty()
+        self.every = 0.25 if self.tty else 30.0
+
+    def update(self, step: int, last_return) -> None:
+        """Called every step with the steps done; draws only when `every` seconds have passed."""
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
+        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, rate = step, now, self.rate
+        left = int((self.total - step) / rate) if rate > 0 else 0
+        last = "-" if last_return is None else f"{float(last_return):.1f}"
+        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                f"{left % 60:02d} left, last return {last}")
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def print(self, message: str | None = None) -> None:
+        """A line of its own, above the progress line on a terminal; none: end the progress line."""
+        if message is None:
+            return print(flush=True) if self.tty else None
+        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+
+
 def make_writer(args: Args, run_name: str, purge_step: int | None):
     """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
     logs into its own folder and hides what the stopped run logged from purge_step on."""
@@ -531,6 +572,7 @@ RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "t
 
 def load_checkpoint(path: str, flag: str) -> dict:
     """A checkpoint or saved model written by this script (our own file: trusted, unpickled)."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path  # a run folder
     if not os.path.isfile(path):
         sys.exit(f"error: {flag} {path}: no such file (checkpoints are runs/<run>/checkpoint.pt)")
     try:
