@@ -211,6 +211,41 @@ def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
             p_target.lerp_(p, lam)
 
 
+def update(batch, learner: dict, args: Args) -> dict:
+    """One gradient step on a batch of the data: V on the Polyak critics, the policy on the advantage
+    against the V just updated, the critics on that V's targets, then their Polyak averages (IQL's
+    order). Returns the losses and estimates to log, detached."""
+    b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
+    vf, policy = learner["vf"], learner["policy"]
+    critics, critics_target = [learner["qf1"], learner["qf2"]], [learner["qf1_target"], learner["qf2_target"]]
+    with torch.no_grad():
+        q_bar = torch.min(*[qf_target(b_obs, b_actions) for qf_target in critics_target])
+    v = vf(b_obs)
+    v_loss = value_loss_fn(v, q_bar, args.value_loss, args.beta, args.exp_clip, args.expectile)
+    learner["v_optimizer"].zero_grad(set_to_none=True)
+    v_loss.backward()
+    learner["v_optimizer"].step()
+
+    with torch.no_grad():  # the advantage against the V just updated
+        weights = awr_weights(q_bar, vf(b_obs), args.eta, args.max_weight)
+    policy_loss = awr_loss(policy.log_prob(b_obs, b_actions), weights)
+    learner["policy_optimizer"].zero_grad(set_to_none=True)
+    policy_loss.backward()
+    learner["policy_optimizer"].step()
+    learner["policy_lr_schedule"].step()
+
+    with torch.no_grad():
+        y = critic_target(b_rewards, b_dones, vf(b_next_obs), args.gamma)
+    q_values = [qf(b_obs, b_actions) for qf in critics]
+    q_loss = critic_loss(q_values, y)
+    learner["q_optimizer"].zero_grad(set_to_none=True)
+    q_loss.backward()
+    learner["q_optimizer"].step()
+    for qf_target, qf in zip(critics_target, critics):
+        polyak(qf_target, qf, args.lam)
+    return dict(q_bar=q_bar, v=v.detach(), value_loss=v_loss.detach(), weights=weights, policy_loss=policy_loss.detach(),
+                y=y, q_values=[q.detach() for q in q_values], q_loss=q_loss.detach())
+
 def train(args: Args) -> None:
     if args.eval_model:  # evaluate a saved model or checkpoint, and exit
         r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
@@ -292,49 +327,13 @@ def train(args: Args) -> None:
         b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
         b_next_obs, b_dones = D["next_observations"][idx], D["dones"][idx]
 
-        with torch.no_grad():
-            q_bar = torch.min(*[qf_target(b_obs, b_actions) for qf_target in critics_target])
-        v = vf(b_obs)
-        v_loss = value_loss_fn(v, q_bar, args.value_loss, args.beta, args.exp_clip, args.expectile)
-        v_optimizer.zero_grad(set_to_none=True)
-        v_loss.backward()
-        v_optimizer.step()
-
-        with torch.no_grad():  # the advantage against the V just updated
-            weights = awr_weights(q_bar, vf(b_obs), args.eta, args.max_weight)
-        policy_loss = awr_loss(policy.log_prob(b_obs, b_actions), weights)
-        policy_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        policy_optimizer.step()
-        policy_lr_schedule.step()
-
-        with torch.no_grad():
-            y = critic_target(b_rewards, b_dones, vf(b_next_obs), args.gamma)
-        q_values = [qf(b_obs, b_actions) for qf in critics]
-        q_loss = critic_loss(q_values, y)
-        q_optimizer.zero_grad(set_to_none=True)
-        q_loss.backward()
-        q_optimizer.step()
-        for qf_target, qf in zip(critics_target, critics):
-            polyak(qf_target, qf, args.lam)
+        logs = update((b_obs, b_actions, b_rewards, b_next_obs, b_dones), learner, args)
 
         if global_step % args.log_frequency == 0:
-            if not torch.isfinite(v_loss + q_loss + policy_loss):
+            if not torch.isfinite(logs["value_loss"] + logs["q_loss"] + logs["policy_loss"]):
                 sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
-            check_values(v, D["rewards"], args.gamma, 0.0, global_step)
-            # V read against the same states' discounted return in the data shows over-estimation
-            logs = dict(value_loss=v_loss, qf_loss=q_loss / 2, policy_loss=policy_loss,
-                        v_values=v.mean(), data_discounted_return=D["returns_to_go"][idx].mean(),
-                        qf1_values=q_values[0].mean(), awr_weights_mean=weights.mean(),
-                        awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
-            if args.value_loss == "gumbel":
-                logs["max_z"] = ((q_bar - v) / args.beta).max()
-            for tag, value in logs.items():
-                writer.add_scalar(f"losses/{tag}", value, global_step)  # detaches
-            lr = policy_optimizer.param_groups[0]["lr"]
-            writer.add_scalar("charts/policy_learning_rate", lr, global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            check_values(logs["v"], D["rewards"], args.gamma, 0.0, global_step)
+            log_losses(writer, logs, D["returns_to_go"][idx], learner, args, global_step, start_step, start_time)
 
         done = global_step + 1  # gradient steps taken
         if done % args.eval_frequency == 0 or done == args.total_timesteps:
@@ -607,6 +606,22 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
         sys.exit(f"error: the values diverged at step {step} (mean |V| {mean:.4g} > 10 x "
                  f"{bound:.4g}); try a larger --beta or a smaller --learning-rate")
 
+
+def log_losses(writer, logs: dict, data_return, learner: dict, args: Args, step: int, start_step: int,
+               start_time: float) -> None:
+    """The losses and estimates of the last update, the policy's learning rate and the steps per second."""
+    # V read against the same states' discounted return in the data shows over-estimation
+    weights = logs["weights"]
+    scalars = dict(value_loss=logs["value_loss"], qf_loss=logs["q_loss"] / 2, policy_loss=logs["policy_loss"],
+                   v_values=logs["v"].mean(), data_discounted_return=data_return.mean(),
+                   qf1_values=logs["q_values"][0].mean(), awr_weights_mean=weights.mean(),
+                   awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
+    if args.value_loss == "gumbel":
+        scalars["max_z"] = ((logs["q_bar"] - logs["v"]) / args.beta).max()
+    for tag, value in scalars.items():
+        writer.add_scalar(f"losses/{tag}", value, step)
+    writer.add_scalar("charts/policy_learning_rate", learner["policy_optimizer"].param_groups[0]["lr"], step)
+    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
 
 @torch.no_grad()
 def evaluate_policy(policy: GaussianPolicy, env: gym.Env, n_episodes: int, device, seed: int):
