@@ -16,6 +16,7 @@ if not REPO or not os.path.isdir(os.path.join(REPO, "online", "research")):
 for package in ("gym", "yaml"):
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} missing: pip install -r benchmarks/parity/requirements.txt", allow_module_level=True)
+OFFLINE = all(importlib.util.find_spec(p) is not None for p in ("jax", "flax", "optax", "tensorflow_probability"))
 
 sys.path.insert(0, str(Path(ROOT) / "benchmarks" / "parity"))
 import xql_online_update  # noqa: E402
@@ -46,3 +47,32 @@ def test_the_one_sided_clip_differs_exactly_where_z_falls_below_minus_c(tables):
     assert sac["critic target y"] < FLOAT32_ROUNDING and sac["temperature loss"] < FLOAT32_ROUNDING
     td3 = tables["td3"]["X-TD3, Q 30 above its targets (z < -8)"]["diffs"]
     assert td3["critic loss (sum of both)"] > 1.0 and td3["critics parameters after the step"][0] > 1e-4
+
+
+@pytest.fixture(scope="module")
+def offline_table():
+    if not OFFLINE:
+        pytest.skip("jax, flax, optax or tfp-nightly missing: pip install -r benchmarks/parity/requirements.txt")
+    import xql_offline_update
+
+    return xql_offline_update.main(["--authors-repo", REPO])
+
+
+def test_offline_update_with_their_critic_loss_agrees_to_float32_rounding(offline_table):
+    """With their Huber critic loss put in ours (the harness does it), every parameter after the step
+    agrees to rounding; the AWR weights and losses agree relative to their size."""
+    diffs = offline_table["X-QL, their Huber critic loss in ours"]["diffs"]
+    for name in ("policy", "V", "critics", "critics' Polyak averages"):
+        diff, moved = diffs[f"{name} after the step"]
+        assert diff < 1e-5 and moved > 1e-6, (name, diff, moved)
+        assert diffs[f"{name}: share of parameters more than 1e-6 apart"] < 1e-3, name
+    assert diffs["critic target y"] < 1e-4 and diffs["V loss"] < 1e-5
+
+
+def test_offline_critic_loss_is_twice_theirs_and_their_noise_changes_the_update(offline_table):
+    as_is = offline_table["X-QL"]["diffs"]
+    # their Huber is half our squared error below 20: the losses differ by a factor 2, Adam's step not
+    assert as_is["critic loss, ours - 2 x theirs (their Huber is (1/2) x^2 below 20)"] < 1e-3
+    assert as_is["critics: share of parameters more than 1e-6 apart"] < 1e-2
+    noisy = offline_table["X-QL, their --noise on"]["diffs"]
+    assert noisy["V after the step"][0] > 1e-4  # their action noise moves V differently; ours has none
