@@ -373,8 +373,8 @@ def train(args: Args) -> None:
                 sps = int((global_step - start_step) / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
 
-        done = global_step + 1  # steps taken
-        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+        steps_done = global_step + 1
+        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
             returns, q_estimate, discounted_return = evaluate_policy(
                 policy, eval_env, args.eval_episodes, device, eval_seed, value, args.tau, args.gamma
             )
@@ -382,13 +382,13 @@ def train(args: Args) -> None:
             # over-estimation shows as the implicit Q of visited states above what they returned
             writer.add_scalar("eval/q_estimate", q_estimate, global_step)
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((done - start_step) / (time.time() - start_time))
-            progress.print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
+            sps = int((steps_done - start_step) / (time.time() - start_time))
+            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = done == args.total_timesteps
-        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner, (env, obs))
-        progress.update(done, last_return)
+        end = steps_done == args.total_timesteps
+        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
+        progress.update(steps_done, last_return)
     progress.print()
 
     if args.save_model:

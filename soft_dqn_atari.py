@@ -8,7 +8,7 @@ to uniform, the backups (Eqs. 81-83, in the corrected form of Eqs. 39/45) are
   entropy  y = r + gamma (1 - terminated) LSE_Q_bar(s')
   kl       y = r + gamma (1 - terminated) (LSE_Q_bar(s') - tau ln|A|)
 and with n-step returns (Eq. 46), j the steps to the window's or the episode's end,
-  y_t = r_t + sum_{k<j} gamma^k (r_{t+k} + e(s_{t+k})) + gamma^j (1 - terminated) V_Q_bar(s_{t+j}),
+  y_t = r_t + sum_{k=1}^{j-1} gamma^k (r_{t+k} + e(s_{t+k})) + gamma^j (1 - terminated) V_Q_bar(s_{t+j}),
 e = tau H (entropy), -tau KL (kl), 0 (hard). The loss is the squared error to y. Settings follow
 CleanRL's dqn_atari.py (Adam 1e-4, replay 1M, batch 32, a step every 4, target copy every 1000,
 80k warm-up, epsilon 1 -> 0.01 over 10% of 10M steps, rewards clipped to their sign); tau = 0.1.
@@ -341,11 +341,10 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 
 
 @torch.no_grad()
-def act(q_network, obs: np.ndarray, epsilon: float, boltzmann: bool, tau: float, n_actions, device,
-        rng):  # fmt: skip
-    """Actions for a (N,4,84,84) batch: epsilon-greedy, or sampled from pi_Q = softmax(Q/tau)."""
+def act(q_network, obs: np.ndarray, epsilon: float, n_actions: int, rng, device, tau: float | None = None):
+    """Actions for a (N,4,84,84) batch: epsilon-greedy, or with `tau` sampled from pi_Q = softmax(Q/tau)."""
     q = q_network(torch.as_tensor(obs, device=device))
-    if boltzmann:
+    if tau is not None:
         return torch.distributions.Categorical(logits=q / tau).sample().cpu().numpy()
     greedy = q.argmax(1).cpu().numpy()
     explore = rng.random(len(greedy)) < epsilon
@@ -392,18 +391,19 @@ def train(args: Args) -> None:
     capacity = len(saved_rb["actions"]) if saved_rb else capacity
     rb = FrameReplayBuffer(capacity)
     learner = dict(q_network=q_network, target_network=target_network, optimizer=optimizer)
-    learning_starts = args.learning_starts
+    updates_start = args.learning_starts  # the first gradient step
     if checkpoint:
         restore(checkpoint, learner, rb, rng)
-        learning_starts += 0 if saved_rb else start_step  # without its buffer: refill it first
+        # without its buffer a resumed run refills it first, acting with its policy (epsilon-greedy)
+        updates_start += 0 if saved_rb else start_step
         del checkpoint  # its copy of the buffer can be large
     # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py uses tau for the target update
-    target = f"{args.target} (temperature --tau {args.tau})" if args.target != "hard" else "hard"
+    target_name = f"{args.target} (temperature --tau {args.tau})" if args.target != "hard" else "hard"
     capped = f" (the run's length, under --buffer-size {args.buffer_size})" if capacity < args.buffer_size else ""
-    print(f"{SCRIPT}: {game}, {n_actions} actions, target {target}, {args.n_step}-step; replay "
+    print(f"{SCRIPT}: {game}, {n_actions} actions, target {target_name}, {args.n_step}-step; replay "
           f"buffer {rb.capacity} frames{capped} = {rb.nbytes / 2**30:.2f} GiB; {device}; runs/{run_name}")
     if start_step:
-        how = "restored" if saved_rb else f"refilled to step {learning_starts}"
+        how = "restored" if saved_rb else f"refilled to step {updates_start}"
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}, new games; "
               f"buffer {how}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
@@ -425,7 +425,7 @@ def train(args: Args) -> None:
         if global_step < args.learning_starts and not args.boltzmann:
             action = rng.integers(0, n_actions, 1)
         else:
-            action = act(q_network, obs, epsilon, args.boltzmann, args.tau, n_actions, device, rng)
+            action = act(q_network, obs, epsilon, n_actions, rng, device, args.tau if args.boltzmann else None)
         next_obs, reward, terminated, truncated, info = env.step(action)
         # train on the clipped reward; log the game's own
         clipped = float(np.sign(reward[0]))
@@ -446,14 +446,13 @@ def train(args: Args) -> None:
         elif terminated[0]:  # episodic life: a life lost ends the training episode, not the game
             rb.start_episode(obs[0])
 
-        if global_step >= learning_starts:
+        if global_step >= updates_start:
             if global_step % args.train_frequency == 0:
                 batch = rb.sample(args.batch_size, args.n_step, rng)
                 b = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
                 with torch.no_grad():
                     q_next = target_q_next(target_network, b["next_obs"], b["ends"], args.target)
-                    soft = (args.gamma, args.tau, args.target)
-                    y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, *soft)
+                    y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, args.gamma, args.tau, args.target)
                 q_sa = q_network(b["obs"]).gather(1, b["actions"].unsqueeze(1)).squeeze(1)
                 loss = td_loss(q_sa, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -471,22 +470,22 @@ def train(args: Args) -> None:
             if global_step % args.target_network_frequency == 0:
                 target_network.load_state_dict(q_network.state_dict())
 
-        done = global_step + 1  # steps taken
-        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+        steps_done = global_step + 1
+        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
             video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
             returns, lengths = evaluate_policy(
                 q_network, game, args.eval_episodes, args.eval_epsilon, args.seed + 10_000, device,
-                args.sticky_actions, video, args.max_episode_frames, f"eval-step-{done}",
+                args.sticky_actions, video, args.max_episode_frames, f"eval-step-{steps_done}",
             )  # fmt: skip
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             writer.add_scalar("eval/episodic_length", lengths.mean(), global_step)
-            sps = int((done - start_step) / (time.time() - start_time))
-            progress.print(f"step {done}: eval return {returns.mean():.1f} +- {returns.std():.1f} "
+            sps = int((steps_done - start_step) / (time.time() - start_time))
+            progress.print(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f} "
                            f"({lengths.mean():.0f} steps a game), epsilon {epsilon:.3f}, SPS {sps}")
-        end = done == args.total_timesteps
-        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner, rb, rng)
-        progress.update(done, last_return)
+        end = steps_done == args.total_timesteps
+        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, rb, rng)
+        progress.update(steps_done, last_return)
     progress.print()
 
     if args.save_model:
@@ -564,7 +563,7 @@ def evaluate_policy(q_network, game: str, n_episodes: int, epsilon: float, seed:
     frames = [twin.reset(seed=seed)[0][0, -1]] if twin else []
     returns, lengths, ret, length = [], [], 0.0, 0
     while len(returns) < n_episodes:
-        action = act(q_network, obs, epsilon, False, 1.0, env.single_action_space.n, device, rng)
+        action = act(q_network, obs, epsilon, env.single_action_space.n, rng, device)
         obs, reward, terminated, truncated, _ = env.step(action)
         ret += float(reward[0])
         length += 1

@@ -125,10 +125,10 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layer_norm: bool = False) -> nn.
     return nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden, out_dim))
 
 
-class ValueNetwork(nn.Module):
-    """V(s), with LayerNorm as the paper's V for stability, or Q(s, a): the inputs concatenated."""
+class Critic(nn.Module):
+    """A scalar of the concatenated inputs: V(s) (with LayerNorm, as the paper's V) or Q(s, a)."""
 
-    def __init__(self, in_dim: int, hidden: int, layer_norm: bool = True):
+    def __init__(self, in_dim: int, hidden: int, layer_norm: bool = False):
         super().__init__()
         self.net = mlp(in_dim, 1, hidden, layer_norm)
 
@@ -253,21 +253,21 @@ def train(args: Args) -> None:
     checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
     args = resume_args(args, checkpoint) if checkpoint else args
     check_args(args, checkpoint)
-    info = load_dataset(args.dataset)
-    data = qlearning_dataset(info["raw"], args.gamma)
-    env_id = args.env_id or info["env_id"]
-    if env_id is None and "eval_env" not in info:
+    meta = load_dataset(args.dataset)
+    data = qlearning_dataset(meta["raw"], args.gamma)
+    env_id = args.env_id or meta["env_id"]
+    if env_id is None and "eval_env" not in meta:
         sys.exit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
-    env_kwargs = info["env_kwargs"] if args.env_id is None else {}
+    env_kwargs = meta["env_kwargs"] if args.env_id is None else {}
     run_name = f"{dataset_name(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = checkpoint["run_name"] if checkpoint else run_name
     if args.capture_video and env_id is not None:
         check_video_prerequisites(env_id)
     env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{run_name}",
-                   info.get("eval_env"), args.eval_episodes)
+                   meta.get("eval_env"), args.eval_episodes)
     env_name = env_id or env.spec.id
     check_env_matches(env, env_name, data)
-    returns_in_data = episode_returns(info["raw"])
+    returns_in_data = episode_returns(meta["raw"])
     span = returns_in_data.max() - returns_in_data.min()  # the same data, any file: the same scale
     reward_scale = args.reward_scale or (1000.0 / max(span, 1e-8) if args.normalize_reward else 1.0)
     stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
@@ -287,9 +287,9 @@ def train(args: Args) -> None:
     obs_dim, act_dim = D["observations"].shape[1], D["actions"].shape[1]
     low, high = env.action_space.low, env.action_space.high
     policy = GaussianPolicy(obs_dim, low, high, args.hidden_size).to(device)
-    vf = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    vf = Critic(obs_dim, args.hidden_size, layer_norm=True).to(device)  # LayerNorm on V, as the authors'
     q_in = obs_dim + act_dim
-    qfs = [ValueNetwork(q_in, args.hidden_size, layer_norm=False).to(device) for _ in range(4)]
+    qfs = [Critic(q_in, args.hidden_size).to(device) for _ in range(4)]
     critics, critics_target = qfs[:2], qfs[2:]  # two critics, then their Polyak averages
     for qf, qf_target in zip(critics, critics_target):
         qf_target.load_state_dict(qf.state_dict())
@@ -335,28 +335,28 @@ def train(args: Args) -> None:
             check_values(logs["v"], D["rewards"], args.gamma, 0.0, global_step)
             log_losses(writer, logs, D["returns_to_go"][idx], learner, args, global_step, start_step, start_time)
 
-        done = global_step + 1  # gradient steps taken
-        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+        steps_done = global_step + 1  # gradient steps
+        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
             returns = evaluate_policy(policy, env, args.eval_episodes, device, args.seed + 10_000)
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             last_return = returns.mean()
-            line = f"step {done}: eval return {returns.mean():.1f}"
-            if info["ref_scores"] is not None:
-                score = normalized_score(returns, *info["ref_scores"])
+            line = f"step {steps_done}: eval return {returns.mean():.1f}"
+            if meta["ref_scores"] is not None:
+                score = normalized_score(returns, *meta["ref_scores"])
                 writer.add_scalar("eval/normalized_score", score.mean(), global_step)
                 line += f", normalized score {score.mean():.1f}"
-            progress.print(f"{line}, SPS {int((done - start_step) / (time.time() - start_time))}")
-        end = done == args.total_timesteps
-        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner, eval_env)
-        progress.update(done, last_return)
+            progress.print(f"{line}, SPS {int((steps_done - start_step) / (time.time() - start_time))}")
+        end = steps_done == args.total_timesteps
+        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, eval_env)
+        progress.update(steps_done, last_return)
     progress.print()
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        weights = {"policy": policy.state_dict(), "vf": vf.state_dict()}
-        weights["critics"] = [qf.state_dict() for qf in critics]
-        torch.save({"script": SCRIPT, "args": vars(args), **weights, **eval_env}, model_path)
+        nets = {"policy": policy.state_dict(), "vf": vf.state_dict()}
+        nets["critics"] = [qf.state_dict() for qf in critics]
+        torch.save({"script": SCRIPT, "args": vars(args), **nets, **eval_env}, model_path)
         returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
         for idx, episodic_return in enumerate(returns):
             writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)

@@ -1,4 +1,4 @@
-"""X-SAC: Soft Actor-Critic whose soft value is learned by Gumbel regression, with no entropy term.
+"""X-SAC: Soft Actor-Critic whose soft value is learned by Gumbel regression, no entropy in its targets.
 
 Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023, Sec. 3.4.
 Docs: docs/xql_online.md. `--value-loss sac` is SAC with a value network, from the same file.
@@ -10,7 +10,8 @@ Docs: docs/xql_online.md. `--value-loss sac` is SAC with a value network, from t
   actor        min E[alpha ln pi(a|s) - min_i Q_i(s, a)]                      as SAC
   temperature  min E[-alpha (ln pi(a|s) - dim(A))]                            as SAC
 
-V_bar is the Polyak average of V; the critics have no target networks of their own. Defaults
+V_bar is the Polyak average of V; the critics have no target networks of their own. No target has
+an alpha ln pi term (V's Gumbel fit stands for it); the actor and the temperature keep SAC's. Defaults
 follow CleanRL's sac_continuous_action.py; beta comes from BETA_DEFAULTS per env (see --help).
 
     python xql_sac.py --env-id dm_control/cheetah-run-v0
@@ -155,8 +156,8 @@ def orthogonal_init(layer: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
-class ValueNetwork(nn.Module):
-    """V(s), or Q(s, a) with the action concatenated to the observation."""
+class Critic(nn.Module):
+    """A scalar of the concatenated inputs: V(s), or Q(s, a) with the action after the observation."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
@@ -352,10 +353,10 @@ def train(args: Args) -> None:
 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     actor = Actor(obs_dim, env.action_space.low, env.action_space.high, args.hidden_size).to(device)
-    qf1 = ValueNetwork(obs_dim + act_dim, args.hidden_size).to(device)
-    qf2 = ValueNetwork(obs_dim + act_dim, args.hidden_size).to(device)
-    vf = ValueNetwork(obs_dim, args.hidden_size).to(device)
-    vf_target = ValueNetwork(obs_dim, args.hidden_size).to(device)
+    qf1 = Critic(obs_dim + act_dim, args.hidden_size).to(device)
+    qf2 = Critic(obs_dim + act_dim, args.hidden_size).to(device)
+    vf = Critic(obs_dim, args.hidden_size).to(device)
+    vf_target = Critic(obs_dim, args.hidden_size).to(device)
     if args.ortho_init:  # the authors' online init; PyTorch's default otherwise, as CleanRL
         for net in (actor, qf1, qf2, vf):
             net.apply(orthogonal_init)
@@ -414,8 +415,8 @@ def train(args: Args) -> None:
                 check_values(logs["qf1_a"], rb.rewards[: rb.size], args.gamma, bonus, global_step)
                 log_losses(writer, logs, args, global_step, start_step, start_time)
 
-        done = global_step + 1  # steps taken
-        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+        steps_done = global_step + 1
+        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
             returns, q_estimate, discounted_return = evaluate_policy(
                 actor, eval_env, args.eval_episodes, device, eval_seed, [qf1, qf2], args.gamma
             )
@@ -423,13 +424,13 @@ def train(args: Args) -> None:
             # over-estimation shows as the critics' value of visited states above what they returned
             writer.add_scalar("eval/q_estimate", q_estimate, global_step)
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((done - start_step) / (time.time() - start_time))
-            progress.print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
+            sps = int((steps_done - start_step) / (time.time() - start_time))
+            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = done == args.total_timesteps
-        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner, (env, obs))
-        progress.update(done, last_return)
+        end = steps_done == args.total_timesteps
+        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
+        progress.update(steps_done, last_return)
     progress.print()
 
     if args.save_model:

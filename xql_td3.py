@@ -8,10 +8,11 @@ Docs: docs/xql_online.md. `--critic-loss mse` is TD3 (Fujimoto et al. 2018), fro
                a~ = clip(pi_bar(s') + clip(N(0, sigma), -c, c), low, high)       TD3's smoothing
   actor        max Q_1(s, pi(s)), every 2 steps, then Polyak targets               as TD3
 
-With deterministic dynamics the only randomness in y is the next action, so the Gumbel loss makes
-Q a soft maximum: the soft-optimal backup with no entropy term (Eq. 9). `--no-double-q` is the
-paper's "X-TD3 - DQ", one critic. Defaults follow CleanRL's td3_continuous_action.py; beta comes
-from BETA_DEFAULTS per env (see --help).
+With deterministic dynamics the only randomness in y is the target-smoothing noise of the next
+action, so the Gumbel loss makes Q a soft maximum over that noise alone (Eq. 9 with a deterministic
+policy): about its mean plus sigma_Q^2/(2 beta), not a stochastic policy's soft-optimal backup.
+`--no-double-q` is the paper's "X-TD3 - DQ", one critic. Defaults follow CleanRL's
+td3_continuous_action.py; beta comes from BETA_DEFAULTS per env (see --help).
 
     python xql_td3.py --env-id dm_control/cheetah-run-v0
     python xql_td3.py --env-id Hopper-v5 --critic-loss mse
@@ -275,9 +276,9 @@ def update(batch, learner: dict, args: Args, bounds, step: int) -> dict:
 
     if step % args.policy_frequency == 0:  # delayed actor and Polyak targets, as TD3
         actor_loss = actor_loss_fn(critics[0](b_obs, actor(b_obs)))
-        learner["actor_optim"].zero_grad(set_to_none=True)
+        learner["actor_optimizer"].zero_grad(set_to_none=True)
         actor_loss.backward()
-        learner["actor_optim"].step()
+        learner["actor_optimizer"].step()
         for target, online in [(actor_target, actor), *zip(critics_target, critics)]:
             polyak(target, online, args.lam)
         logs["actor_loss"] = actor_loss.detach()
@@ -329,12 +330,12 @@ def train(args: Args) -> None:
     bounds = tuple(torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(actor=actor, actor_target=actor_target, q_optimizer=q_optimizer, rb=rb)
-    learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)}, actor_optim=actor_optimizer)
+    learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)}, actor_optimizer=actor_optimizer)
     learner.update({f"qf{i}_target": qf for i, qf in enumerate(critics_target, 1)})
     start_step = restore(checkpoint, learner) if checkpoint else 0
     env, obs = resume_episode(checkpoint, env, args.seed + start_step)
-    loss = f"beta {args.beta} ({beta_source})" if args.critic_loss == "gumbel" else "TD3's loss"
-    print(f"{SCRIPT}: {args.env_id}, {loss}, {n_critics} critic(s), {device}, runs/{run_name}")
+    loss_name = f"beta {args.beta} ({beta_source})" if args.critic_loss == "gumbel" else "TD3's loss"
+    print(f"{SCRIPT}: {args.env_id}, {loss_name}, {n_critics} critic(s), {device}, runs/{run_name}")
     if checkpoint:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
     checkpoint_path = f"runs/{run_name}/checkpoint.pt"
@@ -372,8 +373,8 @@ def train(args: Args) -> None:
                 check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0, global_step)
                 log_losses(writer, logs, args, global_step, start_step, start_time)
 
-        done = global_step + 1  # steps taken
-        if done % args.eval_frequency == 0 or done == args.total_timesteps:
+        steps_done = global_step + 1
+        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
             returns, q_estimate, discounted_return = evaluate_policy(
                 actor, eval_env, args.eval_episodes, device, eval_seed, critics, args.gamma
             )
@@ -381,13 +382,13 @@ def train(args: Args) -> None:
             # over-estimation shows as the critics' value of visited states above what they returned
             writer.add_scalar("eval/q_estimate", q_estimate, global_step)
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((done - start_step) / (time.time() - start_time))
-            progress.print(f"step {done}: eval return {returns.mean():.1f}, Q estimate "
+            sps = int((steps_done - start_step) / (time.time() - start_time))
+            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = done == args.total_timesteps
-        if args.checkpoint_frequency and (done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, done, args, run_name, learner, (env, obs))
-        progress.update(done, last_return)
+        end = steps_done == args.total_timesteps
+        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
+            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
+        progress.update(steps_done, last_return)
     progress.print()
 
     if args.save_model:

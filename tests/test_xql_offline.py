@@ -116,7 +116,7 @@ def test_gumbel_regression_on_one_state_drives_v_to_the_log_partition():
     torch.manual_seed(0)
     q = torch.tensor([1.0, 2.0, 5.0, -3.0])
     for beta in [0.5, 2.0]:
-        vf = xo.ValueNetwork(3, 64)
+        vf = xo.Critic(3, 64, layer_norm=True)
         opt = torch.optim.Adam(vf.parameters(), lr=1e-3)
         s = torch.ones(256, 3)
         for _ in range(3000):

@@ -169,9 +169,9 @@ def one_update(learner, common, value_loss: str = "gumbel", ln_eps: float | None
 
     torch.manual_seed(seed)
     low, high = -np.ones(ACT_DIM, np.float32), np.ones(ACT_DIM, np.float32)
-    ours = dict(policy=xql.GaussianPolicy(OBS_DIM, low, high, HIDDEN), vf=xql.ValueNetwork(OBS_DIM, HIDDEN))
+    ours = dict(policy=xql.GaussianPolicy(OBS_DIM, low, high, HIDDEN), vf=xql.Critic(OBS_DIM, HIDDEN, layer_norm=True))
     for key in ("qf1", "qf2", "qf1_target", "qf2_target"):
-        ours[key] = xql.ValueNetwork(OBS_DIM + ACT_DIM, HIDDEN, layer_norm=False)
+        ours[key] = xql.Critic(OBS_DIM + ACT_DIM, HIDDEN)
     if ln_eps is not None:
         for norm in norms(ours["vf"].net):
             norm.eps = ln_eps

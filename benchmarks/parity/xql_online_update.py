@@ -169,9 +169,9 @@ def one_update(case: str, gumbel_sac, policy_class, repo_args: dict, v_bias: flo
     theirs._step_env = lambda: {}  # the harness gives the batch; no env is stepped
 
     actor = xql_sac.Actor(OBS_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), HIDDEN)
-    ours = dict(actor=actor, qf1=xql_sac.ValueNetwork(OBS_DIM + ACT_DIM, HIDDEN),
-                qf2=xql_sac.ValueNetwork(OBS_DIM + ACT_DIM, HIDDEN), vf=xql_sac.ValueNetwork(OBS_DIM, HIDDEN),
-                vf_target=xql_sac.ValueNetwork(OBS_DIM, HIDDEN), log_alpha=torch.zeros(1))
+    ours = dict(actor=actor, qf1=xql_sac.Critic(OBS_DIM + ACT_DIM, HIDDEN),
+                qf2=xql_sac.Critic(OBS_DIM + ACT_DIM, HIDDEN), vf=xql_sac.Critic(OBS_DIM, HIDDEN),
+                vf_target=xql_sac.Critic(OBS_DIM, HIDDEN), log_alpha=torch.zeros(1))
     copy_theirs_into_ours(theirs, ours)
     ours["log_alpha"].requires_grad_()
     # as our train() builds them
@@ -254,7 +254,7 @@ def one_td3_update(case: str, gumbel_td3, policy_class, q_bias: float = 0.0, see
                     b.bias.copy_(a.bias[i, 0])
     q_params = [p for k in ("qf1", "qf2") for p in ours[k].parameters()]
     ours["q_optimizer"] = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
-    ours["actor_optim"] = torch.optim.Adam(ours["actor"].parameters(), lr=args.learning_rate, fused=True)
+    ours["actor_optimizer"] = torch.optim.Adam(ours["actor"].parameters(), lr=args.learning_rate, fused=True)
 
     def params(side: str) -> dict:
         out = {}
