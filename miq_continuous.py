@@ -18,7 +18,6 @@ Ablations (Fig. 2): --residual (Trust-PCL: the online V(s'), differentiated), --
     python miq_continuous.py --env-id dm_control/cheetah-run-v0
 """
 
-import importlib.util
 import os
 import pickle
 import random
@@ -27,6 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Literal
 
 import gymnasium as gym
@@ -88,7 +88,8 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder), in a new episode; only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint (or run folder), in a new episode; only
+    --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -340,7 +341,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if global_step < args.learning_starts:  # uniform random bins during the warm-up
             raw = policy.random(1)
@@ -401,7 +402,7 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((steps_done - start_step) / (time.time() - start_time))
             progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                           f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
+                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
         end = steps_done == args.total_timesteps
         if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
@@ -432,8 +433,9 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-        (args.buffer_size >= args.batch_size, f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.buffer_size >= args.batch_size,
+         f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
         (not args.env_id.startswith("ALE/") and "NoFrameskip" not in args.env_id,
          f"--env-id {args.env_id} is an Atari game: use soft_dqn_atari.py or soft_a2c_atari.py"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
@@ -461,7 +463,7 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
     """IQ's policies need a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
-                 "(discrete actions: Atari games only, with soft_dqn_atari.py or soft_a2c_atari.py)")
+                 "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -533,33 +535,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):
@@ -608,15 +604,16 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     return Args(**merged)
 
 
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode) -> None:
-    """The learner before step `step`, its replay buffer, random states and episode; written to a temporary
+def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
+    """The learner before step `step`, its buffer, random states and episode; written to a temporary
     file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     state = {k: x.state_dict() for k, x in learner.items()}
     meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
     env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    meta["episode"] = None if isinstance(env.unwrapped, gym.utils.EzPickle) else dict(env=pickle.dumps(env), obs=obs)
+    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
+    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
     torch.save({**meta, **state}, path + ".tmp")
     os.replace(path + ".tmp", path)
 

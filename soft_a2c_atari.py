@@ -18,7 +18,6 @@ life lost ends a training episode; truncations bootstrap from V of the true last
     python soft_a2c_atari.py --env-id BreakoutNoFrameskip-v4 --update soft-q
 """
 
-import importlib.util
 import os
 import random
 import re
@@ -26,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Literal
 
 import numpy as np
@@ -100,7 +100,8 @@ class Args:
     """checkpoint at the first update after every this many steps; 0: only on SIGTERM or Ctrl-C. A
     resumed run starts new games (ale-py's vector env cannot save its emulators)"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint (or run folder); only
+    --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at the first update at or after this step, continued with --resume"""
     eval_model: str | None = None
@@ -125,8 +126,8 @@ def atari_game(env_id: str) -> str:
     if "-ram" in env_id or snake not in roms:
         raise SystemExit(
             f"error: {env_id} is not an Atari game with image observations and discrete actions; "
-            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other discrete "
-            "envs (CartPole, ...); continuous control: xql_sac.py"
+            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other "
+            "discrete envs (CartPole, ...); continuous control: xql_sac.py"
         )
     return snake
 
@@ -319,7 +320,7 @@ def train(args: Args) -> None:
         if stop_signals or (args.stop_at is not None and global_step >= args.stop_at):
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, counters)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if every and global_step >= next_checkpoint:
             next_checkpoint = (global_step // every + 1) * every
@@ -405,8 +406,8 @@ def train(args: Args) -> None:
                                       f"eval-step-{global_step}")  # fmt: skip
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
-            progress.print(f"step {global_step}: eval return {returns.mean():.1f} +- {returns.std():.1f}, "
-                           f"SPS {sps}")
+            progress.print(f"step {global_step}: eval return {returns.mean():.1f} "
+                           f"+- {returns.std():.1f}, SPS {sps}")
         progress.update(global_step, last_return)
     progress.print()
 
@@ -437,7 +438,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.tau > 0, f"--tau must be > 0 (got {args.tau}); the paper uses 0.01"),
         (args.num_envs >= 1, f"--num-envs must be at least 1 (got {args.num_envs}); the paper: 16"),
         (args.num_steps >= 1, f"--num-steps must be at least 1 (got {args.num_steps}); A2C uses 5"),
@@ -520,33 +521,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", max_frames=None,
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):

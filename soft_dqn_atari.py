@@ -8,7 +8,7 @@ to uniform, the backups (Eqs. 81-83, in the corrected form of Eqs. 39/45) are
   entropy  y = r + gamma (1 - terminated) LSE_Q_bar(s')
   kl       y = r + gamma (1 - terminated) (LSE_Q_bar(s') - tau ln|A|)
 and with n-step returns (Eq. 46), j the steps to the window's or the episode's end,
-  y_t = r_t + sum_{k=1}^{j-1} gamma^k (r_{t+k} + e(s_{t+k})) + gamma^j (1 - terminated) V_Q_bar(s_{t+j}),
+  y_t = r_t + sum_{k=1}^{j-1} gamma^k (r_{t+k} + e(s_{t+k})) + gamma^j (1 - terminated) V(s_{t+j}),
 e = tau H (entropy), -tau KL (kl), 0 (hard). The loss is the squared error to y. Settings follow
 CleanRL's dqn_atari.py (Adam 1e-4, replay 1M, batch 32, a step every 4, target copy every 1000,
 80k warm-up, epsilon 1 -> 0.01 over 10% of 10M steps, rewards clipped to their sign); tau = 0.1.
@@ -18,7 +18,6 @@ Atari is ale-py's vector env with DeepMind's preprocessing; the replay stores ea
     python soft_dqn_atari.py --env-id ALE/Pong-v5 --target kl --n-step 3
 """
 
-import importlib.util
 import os
 import random
 import re
@@ -26,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Literal
 
 import numpy as np
@@ -104,7 +104,8 @@ class Args:
     """put the replay buffer in checkpoints too (7 GB at 1M frames); without it a resumed run
     refills the buffer for --learning-starts steps before training"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --checkpoint-buffer, --stop-at and --cuda may change"""
+    """continue the run of this checkpoint (or run folder); only
+    --total-timesteps, --checkpoint-frequency, --checkpoint-buffer, --stop-at, --cuda may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -129,8 +130,8 @@ def atari_game(env_id: str) -> str:
     if "-ram" in env_id or snake not in roms:
         raise SystemExit(
             f"error: {env_id} is not an Atari game with image observations and discrete actions; "
-            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other discrete "
-            "envs (CartPole, ...); continuous control: xql_sac.py"
+            "use an id like BreakoutNoFrameskip-v4 or ALE/Pong-v5; no script here takes other "
+            "discrete envs (CartPole, ...); continuous control: xql_sac.py"
         )
     return snake
 
@@ -341,8 +342,8 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 
 
 @torch.no_grad()
-def act(q_network, obs: np.ndarray, epsilon: float, n_actions: int, rng, device, tau: float | None = None):
-    """Actions for a (N,4,84,84) batch: epsilon-greedy, or with `tau` sampled from pi_Q = softmax(Q/tau)."""
+def act(q_network, obs: np.ndarray, epsilon: float, n_actions: int, rng, device, tau=None):
+    """Actions for a (N,4,84,84) batch: epsilon-greedy, or with `tau` drawn from softmax(Q/tau)."""
     q = q_network(torch.as_tensor(obs, device=device))
     if tau is not None:
         return torch.distributions.Categorical(logits=q / tau).sample().cpu().numpy()
@@ -397,11 +398,12 @@ def train(args: Args) -> None:
         # without its buffer a resumed run refills it first, acting with its policy (epsilon-greedy)
         updates_start += 0 if saved_rb else start_step
         del checkpoint  # its copy of the buffer can be large
-    # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py uses tau for the target update
-    target_name = f"{args.target} (temperature --tau {args.tau})" if args.target != "hard" else "hard"
-    capped = f" (the run's length, under --buffer-size {args.buffer_size})" if capacity < args.buffer_size else ""
-    print(f"{SCRIPT}: {game}, {n_actions} actions, target {target_name}, {args.n_step}-step; replay "
-          f"buffer {rb.capacity} frames{capped} = {rb.nbytes / 2**30:.2f} GiB; {device}; runs/{run_name}")
+    # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py's is the target update's
+    target_name = "hard" if args.target == "hard" else f"{args.target} (temperature {args.tau})"
+    capped = f" (the run's length, not {args.buffer_size})" if capacity < args.buffer_size else ""
+    print(f"{SCRIPT}: {game}, {n_actions} actions, target {target_name}, {args.n_step}-step; "
+          f"replay buffer {rb.capacity} frames{capped} = {rb.nbytes / 2**30:.2f} GiB; {device}; "
+          f"runs/{run_name}")
     if start_step:
         how = "restored" if saved_rb else f"refilled to step {updates_start}"
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}, new games; "
@@ -416,7 +418,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, rb, rng)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         duration = int(args.exploration_fraction * args.total_timesteps)
         epsilon = linear_schedule(args.start_e, args.end_e, duration, global_step)
@@ -425,7 +427,8 @@ def train(args: Args) -> None:
         if global_step < args.learning_starts and not args.boltzmann:
             action = rng.integers(0, n_actions, 1)
         else:
-            action = act(q_network, obs, epsilon, n_actions, rng, device, args.tau if args.boltzmann else None)
+            tau = args.tau if args.boltzmann else None
+            action = act(q_network, obs, epsilon, n_actions, rng, device, tau)
         next_obs, reward, terminated, truncated, info = env.step(action)
         # train on the clipped reward; log the game's own
         clipped = float(np.sign(reward[0]))
@@ -452,7 +455,8 @@ def train(args: Args) -> None:
                 b = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
                 with torch.no_grad():
                     q_next = target_q_next(target_network, b["next_obs"], b["ends"], args.target)
-                    y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, args.gamma, args.tau, args.target)
+                    y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, args.gamma,
+                                     args.tau, args.target)
                 q_sa = q_network(b["obs"]).gather(1, b["actions"].unsqueeze(1)).squeeze(1)
                 loss = td_loss(q_sa, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -480,8 +484,9 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
             writer.add_scalar("eval/episodic_length", lengths.mean(), global_step)
             sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"step {steps_done}: eval return {returns.mean():.1f} +- {returns.std():.1f} "
-                           f"({lengths.mean():.0f} steps a game), epsilon {epsilon:.3f}, SPS {sps}")
+            progress.print(f"step {steps_done}: eval return {returns.mean():.1f} +- "
+                           f"{returns.std():.1f} ({lengths.mean():.0f} steps a game), "
+                           f"epsilon {epsilon:.3f}, SPS {sps}")
         end = steps_done == args.total_timesteps
         if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, rb, rng)
@@ -511,7 +516,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
         (step < args.total_timesteps,
          f"the run in {args.resume} is complete ({step} steps); extend it with --total-timesteps"),
@@ -601,33 +606,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", video_folder=Non
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):

@@ -18,7 +18,6 @@ a D4RL name read from D4RL's cache folder, or a Minari id; tools/ makes datasets
     python xql_offline.py --dataset data/hopper-good.hdf5 --value-loss expectile
 """
 
-import importlib.util
 import os
 import random
 import re
@@ -26,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Literal
 
 import gymnasium as gym
@@ -90,7 +90,8 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint the learner every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder); only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint (or run folder); only
+    --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -212,12 +213,13 @@ def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
 
 
 def update(batch, learner: dict, args: Args) -> dict:
-    """One gradient step on a batch of the data: V on the Polyak critics, the policy on the advantage
+    """One gradient step on a batch: V on the Polyak critics, the policy on the advantage
     against the V just updated, the critics on that V's targets, then their Polyak averages (IQL's
     order). Returns the losses and estimates to log, detached."""
     b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
     vf, policy = learner["vf"], learner["policy"]
-    critics, critics_target = [learner["qf1"], learner["qf2"]], [learner["qf1_target"], learner["qf2_target"]]
+    critics = [learner["qf1"], learner["qf2"]]
+    critics_target = [learner["qf1_target"], learner["qf2_target"]]
     with torch.no_grad():
         q_bar = torch.min(*[qf_target(b_obs, b_actions) for qf_target in critics_target])
     v = vf(b_obs)
@@ -243,8 +245,9 @@ def update(batch, learner: dict, args: Args) -> dict:
     learner["q_optimizer"].step()
     for qf_target, qf in zip(critics_target, critics):
         polyak(qf_target, qf, args.lam)
-    return dict(q_bar=q_bar, v=v.detach(), value_loss=v_loss.detach(), weights=weights, policy_loss=policy_loss.detach(),
-                y=y, q_values=[q.detach() for q in q_values], q_loss=q_loss.detach())
+    return dict(q_bar=q_bar, v=v.detach(), value_loss=v_loss.detach(), weights=weights, y=y,
+                policy_loss=policy_loss.detach(), q_values=[q.detach() for q in q_values],
+                q_loss=q_loss.detach())
 
 def train(args: Args) -> None:
     if args.eval_model:  # evaluate a saved model or checkpoint, and exit
@@ -287,7 +290,7 @@ def train(args: Args) -> None:
     obs_dim, act_dim = D["observations"].shape[1], D["actions"].shape[1]
     low, high = env.action_space.low, env.action_space.high
     policy = GaussianPolicy(obs_dim, low, high, args.hidden_size).to(device)
-    vf = Critic(obs_dim, args.hidden_size, layer_norm=True).to(device)  # LayerNorm on V, as the authors'
+    vf = Critic(obs_dim, args.hidden_size, layer_norm=True).to(device)  # as the authors' V
     q_in = obs_dim + act_dim
     qfs = [Critic(q_in, args.hidden_size).to(device) for _ in range(4)]
     critics, critics_target = qfs[:2], qfs[2:]  # two critics, then their Polyak averages
@@ -321,7 +324,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, eval_env)
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         idx = torch.randint(0, n_data, (args.batch_size,), device=device)
         b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
@@ -333,7 +336,9 @@ def train(args: Args) -> None:
             if not torch.isfinite(logs["value_loss"] + logs["q_loss"] + logs["policy_loss"]):
                 sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
             check_values(logs["v"], D["rewards"], args.gamma, 0.0, global_step)
-            log_losses(writer, logs, D["returns_to_go"][idx], learner, args, global_step, start_step, start_time)
+            data_return = D["returns_to_go"][idx]
+            log_update(writer, logs, data_return, learner, args, global_step, start_step,
+                       start_time)
 
         steps_done = global_step + 1  # gradient steps
         if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
@@ -345,7 +350,8 @@ def train(args: Args) -> None:
                 score = normalized_score(returns, *meta["ref_scores"])
                 writer.add_scalar("eval/normalized_score", score.mean(), global_step)
                 line += f", normalized score {score.mean():.1f}"
-            progress.print(f"{line}, SPS {int((steps_done - start_step) / (time.time() - start_time))}")
+            sps = int((steps_done - start_step) / (time.time() - start_time))
+            progress.print(f"{line}, SPS {sps}")
         end = steps_done == args.total_timesteps
         if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, eval_env)
@@ -376,7 +382,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
         (step < args.total_timesteps,
          f"the run in {args.resume} is complete ({step} steps); extend it with --total-timesteps"),
@@ -415,7 +421,7 @@ def read_d4rl_hdf5(path: str) -> tuple[dict, dict]:
     try:
         f = h5py.File(path, "r")
     except OSError:  # empty, or a half-downloaded or text file
-        raise SystemExit(f"error: {path} is not an HDF5 file (empty or cut short?); make it again or download it again") from None
+        raise SystemExit(f"error: {path} is not an HDF5 file (empty or cut short?)") from None
     with f:
         missing = [k for k in D4RL_REQUIRED_KEYS if k not in f]
         if missing:
@@ -607,12 +613,13 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta or a smaller --learning-rate")
 
 
-def log_losses(writer, logs: dict, data_return, learner: dict, args: Args, step: int, start_step: int,
-               start_time: float) -> None:
-    """The losses and estimates of the last update, the policy's learning rate and the steps per second."""
+def log_update(writer, logs: dict, data_return, learner: dict, args: Args, step: int,
+               start_step: int, start_time: float):
+    """The losses and estimates of the last update, the policy's learning rate, steps per second."""
     # V read against the same states' discounted return in the data shows over-estimation
     weights = logs["weights"]
-    scalars = dict(value_loss=logs["value_loss"], qf_loss=logs["q_loss"] / 2, policy_loss=logs["policy_loss"],
+    scalars = dict(value_loss=logs["value_loss"], qf_loss=logs["q_loss"] / 2,
+                   policy_loss=logs["policy_loss"],
                    v_values=logs["v"].mean(), data_discounted_return=data_return.mean(),
                    qf1_values=logs["q_values"][0].mean(), awr_weights_mean=weights.mean(),
                    awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
@@ -620,7 +627,8 @@ def log_losses(writer, logs: dict, data_return, learner: dict, args: Args, step:
         scalars["max_z"] = ((logs["q_bar"] - logs["v"]) / args.beta).max()
     for tag, value in scalars.items():
         writer.add_scalar(f"losses/{tag}", value, step)
-    writer.add_scalar("charts/policy_learning_rate", learner["policy_optimizer"].param_groups[0]["lr"], step)
+    lr = learner["policy_optimizer"].param_groups[0]["lr"]
+    writer.add_scalar("charts/policy_learning_rate", lr, step)
     writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
 
 @torch.no_grad()
@@ -658,33 +666,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):

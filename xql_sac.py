@@ -1,4 +1,4 @@
-"""X-SAC: Soft Actor-Critic whose soft value is learned by Gumbel regression, no entropy in its targets.
+"""X-SAC: Soft Actor-Critic whose soft value is learned by Gumbel regression, no entropy in targets.
 
 Garg, Hejna, Geist, Ermon, "Extreme Q-Learning: MaxEnt RL without Entropy", ICLR 2023, Sec. 3.4.
 Docs: docs/xql_online.md. `--value-loss sac` is SAC with a value network, from the same file.
@@ -11,14 +11,13 @@ Docs: docs/xql_online.md. `--value-loss sac` is SAC with a value network, from t
   temperature  min E[-alpha (ln pi(a|s) - dim(A))]                            as SAC
 
 V_bar is the Polyak average of V; the critics have no target networks of their own. No target has
-an alpha ln pi term (V's Gumbel fit stands for it); the actor and the temperature keep SAC's. Defaults
+an alpha ln pi term (V's Gumbel fit stands for it); the actor and temperature keep SAC's. Defaults
 follow CleanRL's sac_continuous_action.py; beta comes from BETA_DEFAULTS per env (see --help).
 
     python xql_sac.py --env-id dm_control/cheetah-run-v0
     python xql_sac.py --env-id Hopper-v5 --value-loss sac
 """
 
-import importlib.util
 import os
 import pickle
 import random
@@ -27,6 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -67,7 +67,8 @@ class Args:
     policy_frequency: int = 2
     """the frequency of the actor and temperature updates"""
     policy_repeats: int | None = None
-    """actor and temperature updates at each of those steps; default: policy_frequency, as CleanRL (the authors: 1)"""
+    """actor and temperature updates at each of those steps; default: policy_frequency, as CleanRL
+    (the authors: 1)"""
     target_network_frequency: int = 1
     """the frequency of updates of the target value network"""
     alpha: float = 0.2
@@ -77,7 +78,8 @@ class Args:
     value_loss: Literal["gumbel", "sac"] = "gumbel"
     """`gumbel`: X-SAC, Gumbel regression on min Q; `sac`: SAC, MSE on min Q - alpha ln pi"""
     beta: float | None = None
-    """Gumbel temperature beta; default by env: cheetah-run, walker-run 2, hopper-hop 1, quadruped-run 5, Gym MuJoCo 100, else 2"""
+    """Gumbel temperature beta; by env: cheetah-run, walker-run 2, hopper-hop 1, quadruped-run 5,
+    Gym MuJoCo 100, else 2"""
     exp_clip: float = 8.0
     """upper clip c of the residual z = (y - V)/beta in the Gumbel loss (the paper: 8)"""
 
@@ -98,7 +100,8 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder), in a new episode; only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint (or run folder), in a new episode; only
+    --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -116,7 +119,7 @@ class Args:
 # V sits above the mean of min Q over the policy's actions by about Var[Q]/(2 beta): Gym MuJoCo
 # (Q ~ 100, spread by tens) needs 100, not the paper's 1-5 (docs/xql_online.md)
 BETA_DEFAULTS = dict.fromkeys(("Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid"), 100.0)
-# DMC: the authors' sac_experiments.json; Table 6 prints walker-run 1 and hopper-hop 2, the two swapped
+# DMC: the authors' sac_experiments.json; Table 6 prints walker-run 1, hopper-hop 2: the two swapped
 BETA_DEFAULTS.update({"cheetah-run": 2.0, "walker-run": 2.0, "hopper-hop": 1.0, "quadruped-run": 5})
 BETA_FALLBACK = 2.0
 
@@ -157,7 +160,7 @@ def orthogonal_init(layer: nn.Module) -> None:
 
 
 class Critic(nn.Module):
-    """A scalar of the concatenated inputs: V(s), or Q(s, a) with the action after the observation."""
+    """A scalar of the concatenated inputs: V(s), or Q(s, a), the action after the observation."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
@@ -275,11 +278,11 @@ def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -
     every `policy_frequency` steps the actor and temperature (that many times, as CleanRL), then the
     Polyak average V_bar. Returns the losses and estimates to log, detached."""
     b_obs, b_actions, b_rewards, b_next_obs, b_dones = batch
-    actor, qf1, qf2, vf, vf_target = (learner[k] for k in ("actor", "qf1", "qf2", "vf", "vf_target"))
+    actor, qf1, qf2, vf = (learner[k] for k in ("actor", "qf1", "qf2", "vf"))
     log_alpha = learner["log_alpha"]
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
     with torch.no_grad():
-        q_target = critic_target(b_rewards, b_dones, vf_target(b_next_obs), args.gamma)
+        q_target = critic_target(b_rewards, b_dones, learner["vf_target"](b_next_obs), args.gamma)
     qf1_a, qf2_a = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
     qf1_loss, qf2_loss = critic_loss(qf1_a, qf2_a, q_target)
     learner["q_optimizer"].zero_grad(set_to_none=True)
@@ -292,17 +295,20 @@ def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -
     with torch.set_grad_enabled(actor_step):
         pi, log_pi, _ = actor.get_action(b_obs)
         q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
-    v_target = soft_value_sample(q1_pi.detach(), q2_pi.detach(), log_pi.detach(), alpha, args.value_loss)
+    v_target = soft_value_sample(q1_pi.detach(), q2_pi.detach(), log_pi.detach(), alpha,
+                                 args.value_loss)
     v = vf(b_obs)
     v_loss = value_loss_fn(v, v_target, args.value_loss, args.beta, args.exp_clip)
     learner["v_optimizer"].zero_grad(set_to_none=True)
     v_loss.backward()
     learner["v_optimizer"].step()
-    logs = dict(q_target=q_target, qf1_a=qf1_a.detach(), qf2_a=qf2_a.detach(), v=v.detach(), v_target=v_target,
-                qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(), value_loss=v_loss.detach())
+    logs = dict(q_target=q_target, qf1_a=qf1_a.detach(), qf2_a=qf2_a.detach(), v=v.detach(),
+                v_target=v_target, qf1_loss=qf1_loss.detach(), qf2_loss=qf2_loss.detach(),
+                value_loss=v_loss.detach())
 
-    if actor_step:  # delayed as CleanRL, repeated to compensate (--policy-repeats), a fresh sample each time
-        for i in range(args.policy_frequency if args.policy_repeats is None else args.policy_repeats):
+    repeats = args.policy_frequency if args.policy_repeats is None else args.policy_repeats
+    if actor_step:  # delayed as CleanRL, repeated to compensate, a fresh sample each time
+        for i in range(repeats):
             if i > 0:
                 pi, log_pi, _ = actor.get_action(b_obs)
                 q1_pi, q2_pi = qf1(b_obs, pi), qf2(b_obs, pi)
@@ -321,7 +327,7 @@ def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -
 
     if step % args.target_network_frequency == 0:
         with torch.no_grad():
-            for p_target, p in zip(vf_target.parameters(), vf.parameters()):
+            for p_target, p in zip(learner["vf_target"].parameters(), vf.parameters()):
                 p_target.lerp_(p, args.lam)
     return {**logs, "alpha": alpha}
 
@@ -387,7 +393,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if global_step < args.learning_starts:
             action = env.action_space.sample()
@@ -407,13 +413,14 @@ def train(args: Args) -> None:
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            logs.update(update(rb.sample(args.batch_size, device), learner, args, target_entropy, global_step))
+            batch = rb.sample(args.batch_size, device)
+            logs.update(update(batch, learner, args, target_entropy, global_step))
             if not torch.isfinite(logs["value_loss"] + logs["qf1_loss"] + logs["qf2_loss"]):
                 sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
             if global_step % args.log_frequency == 0:
-                bonus = logs["alpha"] * act_dim * (args.value_loss == "sac")  # SAC: |alpha H| at H = -dim A
+                bonus = logs["alpha"] * act_dim * (args.value_loss == "sac")  # SAC's |alpha H|
                 check_values(logs["qf1_a"], rb.rewards[: rb.size], args.gamma, bonus, global_step)
-                log_losses(writer, logs, args, global_step, start_step, start_time)
+                log_update(writer, logs, args, global_step, start_step, start_time)
 
         steps_done = global_step + 1
         if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
@@ -426,7 +433,7 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((steps_done - start_step) / (time.time() - start_time))
             progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                           f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
+                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
         end = steps_done == args.total_timesteps
         if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
@@ -456,8 +463,9 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (min(args.policy_lr, args.q_lr) > 0, "--policy-lr and --q-lr must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-        (args.buffer_size >= args.batch_size, f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.buffer_size >= args.batch_size,
+         f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
         (not args.env_id.startswith("ALE/") and "NoFrameskip" not in args.env_id,
          f"--env-id {args.env_id} is an Atari game: use soft_dqn_atari.py or soft_a2c_atari.py"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
@@ -484,7 +492,7 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
     """The tanh-Gaussian policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
-                 "(discrete actions: Atari games only, with soft_dqn_atari.py or soft_a2c_atari.py)")
+                 "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -515,12 +523,14 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta (X-SAC) or a smaller --q-lr")
 
 
-def log_losses(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float) -> None:
+def log_update(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float):
     """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
     # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
-    scalars = dict(qf1_values=logs["qf1_a"].mean(), qf2_values=logs["qf2_a"].mean(), v_values=logs["v"].mean(),
-                   v_target_values=logs["v_target"].mean(), qf1_loss=logs["qf1_loss"], qf2_loss=logs["qf2_loss"],
-                   qf_loss=(logs["qf1_loss"] + logs["qf2_loss"]) / 2.0, value_loss=logs["value_loss"],
+    scalars = dict(qf1_values=logs["qf1_a"].mean(), qf2_values=logs["qf2_a"].mean(),
+                   v_values=logs["v"].mean(), v_target_values=logs["v_target"].mean(),
+                   qf1_loss=logs["qf1_loss"], qf2_loss=logs["qf2_loss"],
+                   qf_loss=(logs["qf1_loss"] + logs["qf2_loss"]) / 2.0,
+                   value_loss=logs["value_loss"],
                    alpha=logs["alpha"], max_z=((logs["v_target"] - logs["v"]) / args.beta).max(),
                    actor_loss=logs["actor_loss"])
     if args.autotune:
@@ -569,33 +579,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):
@@ -644,15 +648,16 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     return Args(**merged)
 
 
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode) -> None:
-    """The learner before step `step`, its replay buffer, random states and episode; written to a temporary
+def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
+    """The learner before step `step`, its buffer, random states and episode; written to a temporary
     file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     state = {k: x.cpu() if torch.is_tensor(x) else x.state_dict() for k, x in learner.items()}
     meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
     env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    meta["episode"] = None if isinstance(env.unwrapped, gym.utils.EzPickle) else dict(env=pickle.dumps(env), obs=obs)
+    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
+    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
     torch.save({**meta, **state}, path + ".tmp")
     os.replace(path + ".tmp", path)
 

@@ -18,7 +18,6 @@ td3_continuous_action.py; beta comes from BETA_DEFAULTS per env (see --help).
     python xql_td3.py --env-id Hopper-v5 --critic-loss mse
 """
 
-import importlib.util
 import os
 import pickle
 import random
@@ -27,6 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -61,7 +61,7 @@ class Args:
     policy_noise: float = 0.2
     """the scale of the target policy smoothing noise (in units of the action half-range)"""
     exploration_noise: float | None = None
-    """the scale of the exploration noise; default 0.1, and 0.05 on hopper-hop as the authors' runs"""
+    """the scale of the exploration noise; default 0.1, 0.05 on hopper-hop as the authors' runs"""
     learning_starts: int = 25000
     """timestep to start learning; before it, actions are uniform random"""
     policy_frequency: int = 2
@@ -73,7 +73,8 @@ class Args:
     double_q: bool = True
     """the min of two critics in the target; `--no-double-q`: the paper's X-TD3 - DQ, one critic"""
     beta: float | None = None
-    """Gumbel temperature beta; default by env: cheetah-run 5, walker-run 2, hopper-hop 2, quadruped-run 5, Gym MuJoCo 10, else 3"""
+    """Gumbel temperature beta; by env: cheetah-run 5, walker-run 2, hopper-hop 2, quadruped-run 5,
+    Gym MuJoCo 10, else 3"""
     exp_clip: float = 8.0
     """upper clip c of the residual z = (y - Q)/beta in the Gumbel loss (the paper: 8)"""
 
@@ -94,7 +95,8 @@ class Args:
     checkpoint_frequency: int = 0
     """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
     resume: str | None = None
-    """continue the run of this checkpoint (or run folder), in a new episode; only --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
+    """continue the run of this checkpoint (or run folder), in a new episode; only
+    --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
     stop_at: int | None = None
     """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
     eval_model: str | None = None
@@ -271,8 +273,8 @@ def update(batch, learner: dict, args: Args, bounds, step: int) -> dict:
     learner["q_optimizer"].zero_grad(set_to_none=True)
     q_loss.backward()
     learner["q_optimizer"].step()
-    logs = dict(y=y, q_values=[q.detach() for q in q_values], q_losses=[loss.detach() for loss in q_losses],
-                q_loss=q_loss.detach())
+    logs = dict(y=y, q_values=[q.detach() for q in q_values], q_loss=q_loss.detach(),
+                q_losses=[loss.detach() for loss in q_losses])
 
     if step % args.policy_frequency == 0:  # delayed actor and Polyak targets, as TD3
         actor_loss = actor_loss_fn(critics[0](b_obs, actor(b_obs)))
@@ -330,11 +332,12 @@ def train(args: Args) -> None:
     bounds = tuple(torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(actor=actor, actor_target=actor_target, q_optimizer=q_optimizer, rb=rb)
-    learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)}, actor_optimizer=actor_optimizer)
+    learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)})
+    learner.update(actor_optimizer=actor_optimizer)
     learner.update({f"qf{i}_target": qf for i, qf in enumerate(critics_target, 1)})
     start_step = restore(checkpoint, learner) if checkpoint else 0
     env, obs = resume_episode(checkpoint, env, args.seed + start_step)
-    loss_name = f"beta {args.beta} ({beta_source})" if args.critic_loss == "gumbel" else "TD3's loss"
+    loss_name = "TD3's loss" if args.critic_loss == "mse" else f"beta {args.beta} ({beta_source})"
     print(f"{SCRIPT}: {args.env_id}, {loss_name}, {n_critics} critic(s), {device}, runs/{run_name}")
     if checkpoint:
         print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
@@ -346,7 +349,7 @@ def train(args: Args) -> None:
         if stop_signals or global_step == args.stop_at:
             save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
             why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; continue: --resume {checkpoint_path}")
+            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
             sys.exit(128 + stop_signals[0] if stop_signals else 0)
         if global_step < args.learning_starts:
             action = env.action_space.sample()
@@ -366,12 +369,14 @@ def train(args: Args) -> None:
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            logs.update(update(rb.sample(args.batch_size, device), learner, args, bounds, global_step))
+            logs.update(update(rb.sample(args.batch_size, device), learner, args, bounds,
+                               global_step))
             if not torch.isfinite(logs["q_loss"]):
                 sys.exit(f"error: the critic loss is not finite at step {global_step}: raise beta")
             if global_step % args.log_frequency == 0:
-                check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0, global_step)
-                log_losses(writer, logs, args, global_step, start_step, start_time)
+                check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0,
+                             global_step)
+                log_update(writer, logs, args, global_step, start_step, start_time)
 
         steps_done = global_step + 1
         if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
@@ -384,7 +389,7 @@ def train(args: Args) -> None:
             writer.add_scalar("eval/discounted_return", discounted_return, global_step)
             sps = int((steps_done - start_step) / (time.time() - start_time))
             progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                           f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
+                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
         end = steps_done == args.total_timesteps
         if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
             save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
@@ -415,8 +420,9 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
         (args.eval_episodes >= 1, f"--eval-episodes must be >= 1 (got {args.eval_episodes})"),
         (args.seed >= 0, f"--seed must be >= 0 (got {args.seed}): NumPy takes seeds in [0, 2**32)"),
         (args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-        (args.buffer_size >= args.batch_size, f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
+        (not args.track or find_spec("wandb"), "--track needs wandb: pip install wandb"),
+        (args.buffer_size >= args.batch_size,
+         f"--buffer-size {args.buffer_size} < --batch-size {args.batch_size}: raise --buffer-size"),
         (not args.env_id.startswith("ALE/") and "NoFrameskip" not in args.env_id,
          f"--env-id {args.env_id} is an Atari game: use soft_dqn_atari.py or soft_a2c_atari.py"),
         (args.total_timesteps >= 1, f"--total-timesteps must be >= 1 (got {args.total_timesteps})"),
@@ -441,7 +447,7 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
     """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
-                 "(discrete actions: Atari games only, with soft_dqn_atari.py or soft_a2c_atari.py)")
+                 "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
@@ -472,7 +478,7 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta (X-TD3) or a smaller --learning-rate")
 
 
-def log_losses(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float) -> None:
+def log_update(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float):
     """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
     for i, (q, loss) in enumerate(zip(logs["q_values"], logs["q_losses"]), start=1):
         writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), step)
@@ -480,7 +486,8 @@ def log_losses(writer, logs: dict, args: Args, step: int, start_step: int, start
     writer.add_scalar("losses/qf_loss", logs["q_loss"].item() / len(logs["q_values"]), step)
     writer.add_scalar("losses/target_values", logs["y"].mean().item(), step)
     # the largest residual z of the batch: it explodes when X-TD3 goes unstable
-    writer.add_scalar("losses/max_z", ((logs["y"] - logs["q_values"][0]) / args.beta).max().item(), step)
+    max_z = ((logs["y"] - logs["q_values"][0]) / args.beta).max().item()
+    writer.add_scalar("losses/max_z", max_z, step)
     writer.add_scalar("losses/actor_loss", logs["actor_loss"].item(), step)
     writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
 
@@ -524,33 +531,27 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
 
 
 class Progress:
-    """Steps done of the total, steps per second, time left and the last return, on one line:
-    redrawn 4 times a second on a terminal, printed every 30 s into a file or a pipe."""
+    """Steps done of the total, steps per second, time left and the last return on one line: redrawn
+    4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
 
     def __init__(self, total: int, start: int):
         self.total, self.step, self.shown, self.rate = total, start, time.time(), None
         self.tty = sys.stdout.isatty()
-        self.every = 0.25 if self.tty else 30.0
 
     def update(self, step: int, last_return) -> None:
-        """Called every step with the steps done; draws only when `every` seconds have passed."""
-        now = time.time()
-        if now - self.shown < self.every:
+        if (now := time.time()) - self.shown < (0.25 if self.tty else 30.0):
             return
-        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed over the last few
-        self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
-        self.step, self.shown, rate = step, now, self.rate
-        left = int((self.total - step) / rate) if rate > 0 else 0
+        rate = (step - self.step) / (now - self.shown)  # since the last line, smoothed below
+        self.rate = rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
+        self.step, self.shown, left = step, now, int((self.total - step) / rate) if rate > 0 else 0
         last = "-" if last_return is None else f"{float(last_return):.1f}"
-        line = (f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
-                f"{left % 60:02d} left, last return {last}")
-        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.print(f"{step}/{self.total} steps, {rate:.0f}/s, {left // 3600}:{left // 60 % 60:02d}:"
+                   f"{left % 60:02d} left, last return {last}", end="" if self.tty else "\n")
 
-    def print(self, message: str | None = None) -> None:
-        """A line of its own, above the progress line on a terminal; none: end the progress line."""
-        if message is None:
-            return print(flush=True) if self.tty else None
-        print(f"\r\033[K{message}" if self.tty else message, flush=True)
+    def print(self, message: str | None = None, end: str = "\n") -> None:
+        if message is not None or self.tty:  # none: end the progress line on a terminal
+            text = f"\r\033[K{message}" if self.tty and message else message or ""
+            print(text, end=end, flush=True)
 
 
 def make_writer(args: Args, run_name: str, purge_step: int | None):
@@ -599,15 +600,16 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     return Args(**merged)
 
 
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode) -> None:
-    """The learner before step `step`, its replay buffer, random states and episode; written to a temporary
+def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
+    """The learner before step `step`, its buffer, random states and episode; written to a temporary
     file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     state = {k: x.state_dict() for k, x in learner.items()}
     meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
     env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    meta["episode"] = None if isinstance(env.unwrapped, gym.utils.EzPickle) else dict(env=pickle.dumps(env), obs=obs)
+    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
+    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
     torch.save({**meta, **state}, path + ".tmp")
     os.replace(path + ".tmp", path)
 

@@ -20,7 +20,7 @@ from conftest import ROOT, assert_one_line_error, read_scalars, run_script, stop
 
 CONTINUOUS = ["xql_sac.py", "xql_td3.py", "iq_continuous.py", "miq_continuous.py"]
 # a 200-transition buffer wraps around by step 300
-SMALL = "--env-id Hopper-v5 --learning-starts 100 --buffer-size 200 --eval-frequency 200 --eval-episodes 1 --seed 5"
+SMALL = "--env-id Hopper-v5 --learning-starts 100 --buffer-size 200 --batch-size 64 --eval-frequency 200 --eval-episodes 1 --seed 5"
 
 
 def tensors(obj, prefix=""):

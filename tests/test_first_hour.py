@@ -109,3 +109,20 @@ def test_progress_in_a_log_is_one_line_every_30_s(name, monkeypatch):
     progress.print("step 6100: eval return 7.0")
     progress.print()  # the end: nothing more in a log
     assert out.getvalue().splitlines()[2:] == ["step 6100: eval return 7.0"]
+
+
+@pytest.mark.parametrize("name", ["xql_sac", "soft_dqn_atari"])
+def test_progress_on_a_terminal_redraws_one_line(name, monkeypatch):
+    module = importlib.import_module(name)
+    out = io.StringIO()
+    out.isatty = lambda: True
+    monkeypatch.setattr(sys, "stdout", out)
+    clock = iter([1000.0, 1001.0, 1002.0])
+    monkeypatch.setattr(module.time, "time", lambda: next(clock))
+    progress = module.Progress(total=100, start=0)
+    progress.update(10, None)
+    progress.print("step 10: eval return 1.0")
+    progress.update(20, 1.0)
+    progress.print()
+    assert out.getvalue() == ("\r\033[K10/100 steps, 10/s, 0:00:09 left, last return -\r\033[Kstep 10: eval return 1.0\n"
+                              "\r\033[K20/100 steps, 10/s, 0:00:08 left, last return 1.0\n")  # fmt: skip
