@@ -43,41 +43,30 @@ SCRIPT = os.path.basename(__file__)
 class Args:
     env_id: str = "Hopper-v5"
     """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
-    total_timesteps: int = 1000000
-    """total timesteps of the experiment"""
-    buffer_size: int = int(1e6)
-    """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    lam: float = 0.005
-    """Polyak rate lambda of the target network(s) (CleanRL's `tau`)"""
-    batch_size: int = 256
-    """the size of a batch sampled from the replay memory"""
+    total_timesteps: int = 1000000  # total timesteps of the experiment
+    buffer_size: int = int(1e6)  # the replay memory buffer size
+    gamma: float = 0.99  # the discount factor gamma
+    lam: float = 0.005  # Polyak rate lambda of the target network(s) (CleanRL's `tau`)
+    batch_size: int = 256  # the size of a batch sampled from the replay memory
     learning_starts: int = 5000
     """timestep to start learning; before it, actions are uniform random bins"""
     learning_rate: float = 3e-4
     """the learning rate of the Adam optimizer (one optimizer, one loss, both networks)"""
     tau: float = 0.01
     """the temperature tau of the implicit Q-value tau ln pi + V (the paper: 0.01 on MuJoCo)"""
-    n_bins: int = 11
-    """number of bins per action dimension of the multicategorical policy"""
+    n_bins: int = 11  # number of bins per action dimension of the multicategorical policy
     policy: Literal["multicategorical", "gaussian"] = "multicategorical"
     """the policy class; `gaussian` is the paper's Gaussian-policy ablation"""
     residual: bool = False
     """the residual ablation: online, differentiated V(s') in the target (PCL)"""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    cuda: bool = True  # if toggled, cuda will be enabled when available
     eval_frequency: int = 10000
     """evaluate the policy's most likely action every this many environment steps"""
-    eval_episodes: int = 10
-    """the number of episodes of each deterministic evaluation"""
-    log_frequency: int = 100
-    """log losses and SPS every this many steps"""
+    eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
+    log_frequency: int = 100  # log losses and SPS every this many steps
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
@@ -93,10 +82,8 @@ class Args:
     """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    wandb_project_name: str = "entropy-rl"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
 
 
 def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, every: int = 1):

@@ -43,57 +43,39 @@ class Args:
     """the Atari game: BreakoutNoFrameskip-v4, ALE/Breakout-v5 or breakout all mean Breakout"""
     total_timesteps: int = 10000000
     """total timesteps of the experiments (agent steps over all envs; 4 frames each)"""
-    learning_rate: float = 7e-4
-    """the learning rate of the RMSprop optimizer"""
-    anneal_lr: bool = True
-    """toggle linear decay of the learning rate to 0"""
-    num_envs: int = 16
-    """the number of parallel game environments"""
-    num_steps: int = 5
-    """the number of steps of each rollout per environment"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    tau: float = 0.01
-    """the regularisation temperature tau (the role of CleanRL's --ent-coef)"""
+    learning_rate: float = 7e-4  # the learning rate of the RMSprop optimizer
+    anneal_lr: bool = True  # toggle linear decay of the learning rate to 0
+    num_envs: int = 16  # the number of parallel game environments
+    num_steps: int = 5  # the number of steps of each rollout per environment
+    gamma: float = 0.99  # the discount factor gamma
+    tau: float = 0.01  # the regularisation temperature tau (the role of CleanRL's --ent-coef)
     objective: Literal["naive", "proper"] = "proper"
     """`naive` (Eq. 79: a penalty at s_t only) or `proper` (Eq. 80: penalties inside the return)"""
     regularizer: Literal["kl", "entropy"] = "kl"
     """`kl` (KL to the uniform policy) or `entropy` (entropy bonus)"""
     update: Literal["pg", "soft-q"] = "pg"
     """`pg` (A2C) or `soft-q` (Section 6.3's soft Q-learning with Q = V + tau ln pi)"""
-    vf_coef: float = 0.5
-    """value coefficient c of A2C"""
+    vf_coef: float = 0.5  # value coefficient c of A2C
     adv_grad_scale: float | None = None
     """soft-q: scale of the gradient into the advantage stream tau ln pi (default 1/tau)"""
     value_grad_scale: float = 0.5
     """soft-q: scale of the gradient into the value stream (c, to match A2C)"""
-    max_grad_norm: float = 0.5
-    """the maximum norm for the gradient clipping"""
-    rms_alpha: float = 0.99
-    """RMSprop decay"""
-    rms_eps: float = 1e-5
-    """RMSprop epsilon"""
-    sticky_actions: bool = False
-    """repeat the previous action with probability 0.25 (ALE v5)"""
+    max_grad_norm: float = 0.5  # the maximum norm for the gradient clipping
+    rms_alpha: float = 0.99  # RMSprop decay
+    rms_eps: float = 1e-5  # RMSprop epsilon
+    sticky_actions: bool = False  # repeat the previous action with probability 0.25 (ALE v5)
     episodic_life: bool = True
     """a life lost ends the training episode (not the logged game), as OpenAI's A2C and CleanRL"""
     max_episode_frames: int = 108000
     """truncate episodes after this many frames (truncations still bootstrap)"""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    eval_frequency: int = 500000
-    """run evaluation episodes every this many steps"""
-    eval_episodes: int = 10
-    """the number of evaluation episodes (actions sampled from pi)"""
-    log_frequency: int = 100
-    """log losses every this many updates"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be enabled when available
+    eval_frequency: int = 500000  # run evaluation episodes every this many steps
+    eval_episodes: int = 10  # the number of evaluation episodes (actions sampled from pi)
+    log_frequency: int = 100  # log losses every this many updates
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
@@ -110,10 +92,8 @@ class Args:
     """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    wandb_project_name: str = "entropy-rl"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
 
 
 def atari_game(env_id: str) -> str:

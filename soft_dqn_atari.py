@@ -44,34 +44,24 @@ class Args:
     """the Atari game: BreakoutNoFrameskip-v4, ALE/Breakout-v5 or breakout all mean Breakout"""
     total_timesteps: int = 10000000
     """total timesteps of the experiments (agent steps; 4 frames each)"""
-    learning_rate: float = 1e-4
-    """the learning rate of the Adam optimizer"""
-    buffer_size: int = 1000000
-    """the replay memory buffer size (transitions)"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
+    learning_rate: float = 1e-4  # the learning rate of the Adam optimizer
+    buffer_size: int = 1000000  # the replay memory buffer size (transitions)
+    gamma: float = 0.99  # the discount factor gamma
     target: Literal["hard", "entropy", "kl"] = "entropy"
     """the backup: `hard` (DQN), `entropy` (soft Q, entropy bonus), `kl` (soft Q, KL to uniform)"""
-    tau: float = 0.1
-    """the temperature tau of the soft targets (on the clipped-reward scale)"""
-    n_step: int = 1
-    """n of the n-step return (Eq. 46)"""
+    tau: float = 0.1  # the temperature tau of the soft targets (on the clipped-reward scale)
+    n_step: int = 1  # n of the n-step return (Eq. 46)
     target_network_frequency: int = 1000
     """the timesteps it takes to copy the Q-network into the target network"""
-    batch_size: int = 32
-    """the size of a batch sampled from the replay memory"""
-    start_e: float = 1.0
-    """the starting epsilon for exploration"""
-    end_e: float = 0.01
-    """the ending epsilon for exploration"""
+    batch_size: int = 32  # the size of a batch sampled from the replay memory
+    start_e: float = 1.0  # the starting epsilon for exploration
+    end_e: float = 0.01  # the ending epsilon for exploration
     exploration_fraction: float = 0.10
     """the fraction of `total-timesteps` it takes from start-e to go end-e"""
     boltzmann: bool = False
     """act by sampling the Boltzmann policy pi_Q (temperature tau) instead of epsilon-greedy"""
-    learning_starts: int = 80000
-    """timestep to start learning"""
-    train_frequency: int = 4
-    """the frequency of training (env steps per gradient step)"""
+    learning_starts: int = 80000  # timestep to start learning
+    train_frequency: int = 4  # the frequency of training (env steps per gradient step)
     sticky_actions: bool = False
     """repeat the previous action with probability 0.25 (ALE v5); off in the paper's setting"""
     episodic_life: bool = True
@@ -79,22 +69,14 @@ class Args:
     max_episode_frames: int = 108000
     """truncate episodes after this many frames (ALE's 30 minutes; truncations still bootstrap)"""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    eval_frequency: int = 250000
-    """run evaluation episodes every this many steps"""
-    eval_episodes: int = 10
-    """the number of evaluation episodes (epsilon = eval-epsilon)"""
-    eval_epsilon: float = 0.001
-    """epsilon of the evaluation episodes"""
-    log_frequency: int = 100
-    """log losses every this many gradient steps"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be enabled when available
+    eval_frequency: int = 250000  # run evaluation episodes every this many steps
+    eval_episodes: int = 10  # the number of evaluation episodes (epsilon = eval-epsilon)
+    eval_epsilon: float = 0.001  # epsilon of the evaluation episodes
+    log_frequency: int = 100  # log losses every this many gradient steps
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
@@ -114,10 +96,8 @@ class Args:
     """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    wandb_project_name: str = "entropy-rl"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
 
 
 def atari_game(env_id: str) -> str:

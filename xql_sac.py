@@ -44,37 +44,27 @@ SCRIPT = os.path.basename(__file__)
 class Args:
     env_id: str = "Hopper-v5"
     """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
-    total_timesteps: int = 1000000
-    """total timesteps of the experiments"""
-    buffer_size: int = int(1e6)
-    """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
+    total_timesteps: int = 1000000  # total timesteps of the experiments
+    buffer_size: int = int(1e6)  # the replay memory buffer size
+    gamma: float = 0.99  # the discount factor gamma
     lam: Annotated[float, tyro.conf.arg(aliases=("--tau",))] = 0.005
     """Polyak rate lambda of the target value network (CleanRL's `tau`, also accepted)"""
-    batch_size: int = 256
-    """the size of a batch sampled from the replay memory"""
-    learning_starts: int = 5000
-    """timestep to start learning; before it, actions are uniform random"""
-    policy_lr: float = 3e-4
-    """the learning rate of the policy network optimizer"""
-    q_lr: float = 1e-3
-    """the learning rate of the critic, value and temperature optimizers"""
+    batch_size: int = 256  # the size of a batch sampled from the replay memory
+    learning_starts: int = 5000  # timestep to start learning; before it, actions are uniform random
+    policy_lr: float = 3e-4  # the learning rate of the policy network optimizer
+    q_lr: float = 1e-3  # the learning rate of the critic, value and temperature optimizers
     hidden_size: int = 256
     """width of the two hidden layers of every network (the paper, on DM Control: 1024)"""
     ortho_init: bool = False
     """orthogonal weights (gain 1) and zero biases in every layer, as the authors' online code"""
-    policy_frequency: int = 2
-    """the frequency of the actor and temperature updates"""
+    policy_frequency: int = 2  # the frequency of the actor and temperature updates
     policy_repeats: int | None = None
     """actor and temperature updates at each of those steps; default: policy_frequency, as CleanRL
     (the authors: 1)"""
-    target_network_frequency: int = 1
-    """the frequency of updates of the target value network"""
+    target_network_frequency: int = 1  # the frequency of updates of the target value network
     alpha: float = 0.2
     """temperature alpha_sac, or its start if autotuned (CleanRL starts at 1, the authors at 0.1)"""
-    autotune: bool = True
-    """automatic tuning of alpha_sac to the target entropy -dim(A)"""
+    autotune: bool = True  # automatic tuning of alpha_sac to the target entropy -dim(A)
     value_loss: Literal["gumbel", "sac"] = "gumbel"
     """`gumbel`: X-SAC, Gumbel regression on min Q; `sac`: SAC, MSE on min Q - alpha ln pi"""
     beta: float | None = None
@@ -83,18 +73,13 @@ class Args:
     exp_clip: float = 8.0
     """upper clip c of the residual z = (y - V)/beta in the Gumbel loss (the paper: 8)"""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    cuda: bool = True  # if toggled, cuda will be enabled when available
     eval_frequency: int = 10000
     """evaluate the policy's mean action every this many environment steps"""
-    eval_episodes: int = 10
-    """the number of episodes of each deterministic evaluation"""
-    log_frequency: int = 100
-    """log losses and SPS every this many steps"""
+    eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
+    log_frequency: int = 100  # log losses and SPS every this many steps
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
@@ -110,10 +95,8 @@ class Args:
     """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    wandb_project_name: str = "entropy-rl"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
 
 
 # V sits above the mean of min Q over the policy's actions by about Var[Q]/(2 beta): Gym MuJoCo

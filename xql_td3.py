@@ -44,28 +44,22 @@ SCRIPT = os.path.basename(__file__)
 class Args:
     env_id: str = "Hopper-v5"
     """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
-    total_timesteps: int = 1000000
-    """total timesteps of the experiments"""
+    total_timesteps: int = 1000000  # total timesteps of the experiments
     learning_rate: float = 3e-4
     """the learning rate of the actor and critic optimizers (the paper: 1e-3)"""
-    buffer_size: int = int(1e6)
-    """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
+    buffer_size: int = int(1e6)  # the replay memory buffer size
+    gamma: float = 0.99  # the discount factor gamma
     lam: Annotated[float, tyro.conf.arg(aliases=("--tau",))] = 0.005
     """Polyak rate lambda of the target networks (CleanRL's `tau`, also accepted)"""
-    batch_size: int = 256
-    """the size of a batch sampled from the replay memory"""
-    hidden_size: int = 256
-    """width of the two hidden layers of every network"""
+    batch_size: int = 256  # the size of a batch sampled from the replay memory
+    hidden_size: int = 256  # width of the two hidden layers of every network
     policy_noise: float = 0.2
     """the scale of the target policy smoothing noise (in units of the action half-range)"""
     exploration_noise: float | None = None
     """the scale of the exploration noise; default 0.1, 0.05 on hopper-hop as the authors' runs"""
     learning_starts: int = 25000
     """timestep to start learning; before it, actions are uniform random"""
-    policy_frequency: int = 2
-    """the frequency of the (delayed) actor and target network updates"""
+    policy_frequency: int = 2  # the frequency of the (delayed) actor and target network updates
     noise_clip: float = 0.5
     """noise clip of the target policy smoothing (in units of the action half-range)"""
     critic_loss: Literal["gumbel", "mse"] = "gumbel"
@@ -78,18 +72,13 @@ class Args:
     exp_clip: float = 8.0
     """upper clip c of the residual z = (y - Q)/beta in the Gumbel loss (the paper: 8)"""
 
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    cuda: bool = True  # if toggled, cuda will be enabled when available
     eval_frequency: int = 10000
     """evaluate the policy, without exploration noise, every this many environment steps"""
-    eval_episodes: int = 10
-    """the number of episodes of each deterministic evaluation"""
-    log_frequency: int = 100
-    """log losses and SPS every this many steps"""
+    eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
+    log_frequency: int = 100  # log losses and SPS every this many steps
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     checkpoint_frequency: int = 0
@@ -105,10 +94,8 @@ class Args:
     """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
-    wandb_project_name: str = "entropy-rl"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    wandb_project_name: str = "entropy-rl"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
 
 
 # DM Control takes the paper's Table 6 (rewards in [0, 1] a step). Gym MuJoCo's larger rewards, TD

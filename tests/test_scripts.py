@@ -4,8 +4,10 @@ every script stops a run whose values run past any return its rewards allow."""
 
 import ast
 import importlib
+import io
 import os
 import re
+import tokenize
 
 import pytest
 import torch
@@ -64,15 +66,21 @@ def test_algorithm_first_then_train_then_the_appendix(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_flag_is_explained_and_the_algorithms_come_first(script):
-    """tyro shows a field's docstring as its --help text: a field without one has none (as
-    --log-frequency of xql_offline.py had). The algorithm's fields come before the run-keeping ones."""
-    args = next(n for n in ast.parse(source(script)).body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    """tyro shows a field's docstring, or the comment on its line (CORL's style), as its --help
+    text: a field without either has none (as --log-frequency of xql_offline.py had). The
+    algorithm's fields come before the run-keeping ones."""
+    text = source(script)
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT}
+    args = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Args")
     body = args.body
     fields = [(i, n.target.id) for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
     for i, name in fields:
         doc = body[i + 1] if i + 1 < len(body) else None
-        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), f"{script}: --{name} has no help"
-        assert doc.value.value.strip(), f"{script}: --{name} has empty help"
+        if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            assert doc.value.value.strip(), f"{script}: --{name} has empty help"
+        else:
+            comment = comments.get(body[i].end_lineno, "").lstrip("# ")
+            assert comment and not comment.startswith("fmt:"), f"{script}: --{name} has no help"
     names = [name for _, name in fields]
     first_run_keeping = min(i for i, name in enumerate(names) if name in RUN_KEEPING)
     assert all(name in RUN_KEEPING for name in names[first_run_keeping:]), f"{script}: {names}"
