@@ -63,25 +63,18 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
     cuda: bool = True  # if toggled, cuda will be enabled when available
-    eval_frequency: int = 10000
-    """evaluate the policy's most likely action every this many environment steps"""
+    eval_frequency: int = 10000  # evaluate the deterministic policy every this many steps
     eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
     log_frequency: int = 100  # log losses and SPS every this many steps
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    checkpoint_frequency: int = 0
-    """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
+    checkpoint_frequency: int = 0  # checkpoint every this many steps; 0: on SIGTERM, Ctrl-C only
     resume: str | None = None
     """continue the run of this checkpoint (or run folder), in a new episode; only
     --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -214,23 +207,19 @@ def make_policy(kind: str, obs_dim: int, low, high, n_bins: int) -> nn.Module:
 
 
 class ReplayBuffer:
-    """Preallocated FIFO storage of (s, raw action, r, s', terminated) as CPU tensors."""
+    """Preallocated FIFO storage of (s, a, r, s', terminated) as CPU tensors."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int):
         self.capacity, self.size, self.pos = capacity, 0, 0
-        self.obs = torch.zeros(capacity, obs_dim)
-        self.next_obs = torch.zeros(capacity, obs_dim)
-        self.actions = torch.zeros(capacity, act_dim)  # bin indices are exact in float32
+        self.obs, self.next_obs = torch.zeros(capacity, obs_dim), torch.zeros(capacity, obs_dim)
+        self.actions = torch.zeros(capacity, act_dim)
         self.rewards = torch.zeros(capacity)
         self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
 
-    def add(self, obs, raw_action, reward, next_obs, terminated) -> None:
-        i = self.pos
-        self.obs[i] = torch.as_tensor(obs)
-        self.next_obs[i] = torch.as_tensor(next_obs)
-        self.actions[i] = raw_action
-        self.rewards[i] = float(reward)
-        self.dones[i] = float(terminated)
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        self.obs[self.pos], self.actions[self.pos] = torch.as_tensor(obs), torch.as_tensor(action)
+        self.next_obs[self.pos] = torch.as_tensor(next_obs)
+        self.rewards[self.pos], self.dones[self.pos] = float(reward), float(terminated)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -258,64 +247,49 @@ def iq_loss(log_pi, v, target, tau: float):
 
 
 def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
-    """x_bar <- (1 - lam) x_bar + lam x."""
+    """theta_bar <- (1 - lam) theta_bar + lam theta."""
     with torch.no_grad():
         for p_target, p in zip(target.parameters(), online.parameters()):
             p_target.lerp_(p, lam)
 
 
+def update(batch, learner: dict, args: Args) -> dict:
+    """One gradient step of Eq. 2 (alpha = 0) on a sampled batch, then the Polyak average phi_bar.
+    Returns the loss and estimates to log, detached."""
+    b_obs, b_raw, b_rewards, b_next_obs, b_dones = batch
+    policy, value = learner["policy"], learner["value"]
+    with torch.no_grad():
+        v_next = learner["value_target"](b_next_obs)
+    if args.residual:  # PCL: online V(s'), differentiated
+        v_next = value(b_next_obs)
+    y = iq_target(b_rewards, b_dones, v_next, args.gamma)
+    log_pi, v = policy.log_prob(b_obs, b_raw), value(b_obs)
+    loss = iq_loss(log_pi, v, y, args.tau)
+    learner["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    learner["optimizer"].step()
+    polyak(learner["value_target"], value, args.lam)
+    return dict(loss=loss.detach(), log_pi=log_pi.detach(), v=v.detach(), y=y.detach())
+
+
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    env = make_env(args.env_id, args.seed)
-    check_action_space(args.env_id, env.action_space)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
-    eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
+    args, run = start_run(args)  # --eval-model; resume, checks, envs, name, writer, seeds: appendix
+    env, device = run.env, run.device
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
-    entropy_bonus = args.tau * act_dim * np.log(args.n_bins)  # the largest tau H(pi) of a step
     policy = make_policy(args.policy, obs_dim, low, high, args.n_bins).to(device)
     value = ValueNetwork(obs_dim).to(device)
     value_target = ValueNetwork(obs_dim).to(device)
     value_target.load_state_dict(value.state_dict())
-    # one loss, one optimizer; fused Adam: one kernel for all parameters (about 3x faster on a CPU)
+    # one loss, one optimizer; fused Adam: one kernel for all parameters
     online_params = list(policy.parameters()) + list(value.parameters())
     optimizer = torch.optim.Adam(online_params, lr=args.learning_rate, fused=True)
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(policy=policy, value=value, value_target=value_target, optimizer=optimizer)
     learner["rb"] = rb
-    start_step = restore(checkpoint, learner) if checkpoint else 0
-    env, obs = resume_episode(checkpoint, env, args.seed + start_step)
-    bins = f" ({args.n_bins} bins)" if args.policy == "multicategorical" else ""
-    print(f"{SCRIPT}: {args.env_id}, {args.policy} policy{bins}, temperature --tau {args.tau} "
-          f"(CleanRL's Polyak tau is --lam), {device}, runs/{run_name}")  # fmt: skip
-    if checkpoint:
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+    env, obs = run.restore(learner)  # a checkpoint's learner, buffer and episode, or a new episode
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.stop_if_asked(global_step, learner, obs)  # SIGTERM, Ctrl-C, --stop-at: checkpoint, exit
         if global_step < args.learning_starts:  # uniform random bins during the warm-up
             raw = policy.random(1)
         else:
@@ -324,72 +298,20 @@ def train(args: Args) -> None:
         action = policy.to_env(raw)[0].cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
         # next_obs is the true last observation also at a truncation: the target bootstraps from it
-        rb.add(obs, raw[0].cpu(), reward, next_obs, terminated)
+        rb.add(obs, raw[0].cpu(), reward, next_obs, terminated)  # the bins' indices as the action
         obs = next_obs
         if terminated or truncated:
-            last_return = info["episode"]["r"]
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            run.log_episode(info, global_step)
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:  # one gradient step of Eq. 2 per env step
-            b_obs, b_raw, b_rewards, b_next_obs, b_dones = rb.sample(args.batch_size, device)
-            with torch.no_grad():
-                v_next = value_target(b_next_obs)
-            if args.residual:  # PCL: online V(s'), differentiated
-                v_next = value(b_next_obs)
-            y = iq_target(b_rewards, b_dones, v_next, args.gamma)
-            log_pi, v = policy.log_prob(b_obs, b_raw), value(b_obs)
-            loss = iq_loss(log_pi, v, y, args.tau)
-            if not torch.isfinite(loss):
-                sys.exit(f"error: the loss is not finite at step {global_step}; try a larger --tau")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            polyak(value_target, value, args.lam)
+            logs = update(rb.sample(args.batch_size, device), learner, args)
+            log_update(run, logs, args, rb, global_step)  # every step: stops a diverging run
 
-            if global_step % args.log_frequency == 0:
-                check_values(v, rb.rewards[: rb.size], args.gamma, entropy_bonus, global_step)
-                with torch.no_grad():
-                    tau_log_pi = args.tau * log_pi
-                writer.add_scalar("losses/iq_loss", loss.item(), global_step)
-                writer.add_scalar("losses/v_values", v.mean().item(), global_step)
-                writer.add_scalar("losses/tau_log_pi", tau_log_pi.mean().item(), global_step)
-                implicit_q = (tau_log_pi + v).mean().item()
-                writer.add_scalar("losses/implicit_q_values", implicit_q, global_step)
-                writer.add_scalar("losses/target_values", y.mean().item(), global_step)
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-
-        steps_done = global_step + 1
-        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
-            returns, q_estimate, discounted_return = evaluate_policy(
-                policy, eval_env, args.eval_episodes, device, eval_seed, value, args.tau, args.gamma
-            )
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            # over-estimation shows as the implicit Q of visited states above what they returned
-            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
-            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = steps_done == args.total_timesteps
-        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
-        progress.update(steps_done, last_return)
-    progress.print()
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        weights = {"policy": policy.state_dict(), "value": value.state_dict()}
-        torch.save({"script": SCRIPT, "args": vars(args), **weights}, model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    env.close()
-    eval_env.close()
-    writer.close()
+        if run.evaluation_due(global_step + 1):  # the mode; implicit Q against the returns
+            run.evaluate(global_step, policy, value, args.tau, args.gamma)
+        run.step_done(global_step + 1, learner, obs)  # periodic checkpoint, progress line
+    run.finish({"policy": policy.state_dict(), "value": value.state_dict()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +349,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
 
 
 def check_action_space(env_id: str, space: gym.Space) -> None:
-    """IQ's policies need a 1-D Box action space with finite bounds."""
+    """The policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
                  "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
@@ -435,21 +357,42 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
 
-def check_video_prerequisites(env_id: str) -> None:
-    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
-    try:
-        import moviepy  # noqa: F401
+def start_run(args: Args) -> tuple[Args, "Run"]:
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, the env and a Run (name, writer, seeds...)."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run = Run(args, checkpoint, env)
+    bins = f" ({args.n_bins} bins)" if args.policy == "multicategorical" else ""
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {args.env_id}, {args.policy} policy{bins}, temperature --tau {args.tau} "
+        f"(CleanRL's Polyak tau is --lam), {run.device}, runs/{run.name}"
+    )
+    return args, run
 
-        make_env(env_id, 0).close()  # registers dm_control ids
-        env = gym.make(env_id, render_mode="rgb_array")
-        env.reset(seed=0)
-        env.render()
-        env.close()
-    except ImportError as exc:
-        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
-    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+def log_update(run: "Run", logs: dict, args: Args, rb: ReplayBuffer, step: int) -> None:
+    """Stop a run whose loss is not finite; every --log-frequency steps, stop one whose values run
+    away, and log the last update's loss and estimates."""
+    if not torch.isfinite(logs["loss"]):
+        sys.exit(f"error: the loss is not finite at step {step}; try a larger --tau")
+    if step % args.log_frequency != 0:
+        return
+    bonus = args.tau * rb.actions.shape[1] * np.log(args.n_bins)  # the largest tau H(pi) of a step
+    check_values(logs["v"], rb.rewards[: rb.size], args.gamma, bonus, step)
+    tau_log_pi, v = args.tau * logs["log_pi"], logs["v"]
+    implicit_q = (tau_log_pi + v).mean().item()  # Eq. 1
+    run.log(dict(iq_loss=logs["loss"].item(), v_values=v.mean().item(),
+                 tau_log_pi=tau_log_pi.mean().item(), implicit_q_values=implicit_q,
+                 target_values=logs["y"].mean().item()), step)  # fmt: skip
 
 
 def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
@@ -501,6 +444,151 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(policy.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
+    try:
+        import moviepy  # noqa: F401
+
+        make_env(env_id, 0).close()  # registers dm_control ids
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except ImportError as exc:
+        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
+    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+class Run:
+    """The run-keeping half of train(): the run's name, envs, stop signals, writer and seeds, then
+    its checkpoints, logs of episodes and evaluations, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, env: gym.Env):
+        name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.checkpoint, self.env = args, checkpoint, env
+        self.name = checkpoint["run_name"] if checkpoint else name
+        self.path, self.eval_seed = f"runs/{self.name}/checkpoint.pt", args.seed + 10_000
+        self.eval_env = make_env(args.env_id, self.eval_seed, args.capture_video,
+                                 f"videos/{self.name}", args.eval_episodes)
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=self.name, save_code=True)  # fmt: skip
+        # a resumed run logs into its folder, hiding what the stopped run logged from its step on
+        purge_step = checkpoint["global_step"] if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{self.name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_step, self.last_return = 0, None
+
+    def restore(self, learner: dict):
+        """Load a checkpoint's learner (networks, optimizers, buffer) and random states; the env and
+        observation to go on from: the checkpoint's episode where its env was saved whole (classic
+        control, DeepMind Control: the run goes on as if never stopped), else a new episode."""
+        print(self.banner)
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():
+                if torch.is_tensor(x):  # a learned scalar, as SAC's log alpha
+                    x.data.copy_(ckpt[key])
+                else:  # networks, optimizers, the buffer
+                    x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.start_step = ckpt["global_step"]
+            total = self.args.total_timesteps
+            print(f"resumed {self.args.resume} at step {self.start_step} of {total}")
+        if self.checkpoint and self.checkpoint.get("episode"):
+            self.env.close()
+            self.env, obs = pickle.loads(ckpt["episode"]["env"]), ckpt["episode"]["obs"]
+        else:
+            obs = self.env.reset(seed=self.args.seed + self.start_step)[0]
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+        return self.env, obs
+
+    def save(self, step: int, learner: dict, obs) -> None:
+        """The learner before step `step`, random states and the episode in progress where the env
+        pickles whole (MuJoCo's and Atari's pickle as their constructor's arguments only); written
+        to a temporary file, then renamed: a kill mid-write leaves the last checkpoint whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda)
+        state = {k: x.cpu() if torch.is_tensor(x) else x.state_dict() for k, x in learner.items()}
+        whole = not isinstance(self.env.unwrapped, gym.utils.EzPickle)
+        episode = dict(env=pickle.dumps(self.env), obs=obs) if whole else None
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, "episode": episode, **state}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def stop_if_asked(self, step: int, learner: dict, obs) -> None:
+        if self.signals or step == self.args.stop_at:  # checkpoint as before `step`, and exit
+            self.save(step, learner, obs)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+
+    def log_episode(self, info: dict, step: int) -> None:
+        self.last_return = info["episode"]["r"]
+        self.writer.add_scalar("charts/episodic_return", self.last_return, step)
+        self.writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), step)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's losses and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, steps: int) -> bool:
+        return steps % self.args.eval_frequency == 0 or steps == self.args.total_timesteps
+
+    def evaluate(self, step: int, policy, *critics) -> None:
+        """Evaluate the policy (see evaluate_policy), log the mean return, and the value estimate
+        of the visited states against the discounted return obtained: over-estimation shows."""
+        returns, q_estimate, discounted_return = evaluate_policy(
+            policy, self.eval_env, self.args.eval_episodes, self.device, self.eval_seed, *critics)
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.writer.add_scalar("eval/q_estimate", q_estimate, step)
+        self.writer.add_scalar("eval/discounted_return", discounted_return, step)
+        self.progress.print(f"step {step + 1}: eval return {returns.mean():.1f}, Q estimate "
+                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
+                            f"SPS {self.sps(step + 1)}")
+
+    def step_done(self, steps: int, learner: dict, obs) -> None:
+        every, end = self.args.checkpoint_frequency, steps == self.args.total_timesteps
+        if every and (steps % every == 0 or end):
+            self.save(steps, learner, obs)
+        self.progress.update(steps, self.last_return)
+
+    def finish(self, weights: dict) -> None:
+        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+        self.progress.print()
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        for resource in (self.env, self.eval_env, self.writer):
+            resource.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -523,21 +611,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
@@ -569,42 +642,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
-    """The learner before step `step`, its buffer, random states and episode; written to a temporary
-    file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {k: x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
-    env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
-    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
-    torch.save({**meta, **state}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict) -> int:
-    """Load the learner, its replay buffer and random states; the step to continue from."""
-    for key, x in learner.items():  # networks, optimizer and the buffer
-        x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["global_step"]
-
-
-def resume_episode(checkpoint: dict | None, env, seed: int):
-    """The env and observation to go on from: the checkpoint's episode in progress where its env was
-    saved whole (classic control, DeepMind Control), so a resumed run continues as if never stopped;
-    else a new episode (MuJoCo's and Atari's envs pickle as their constructor's arguments only)."""
-    if checkpoint and checkpoint.get("episode"):
-        env.close()
-        return pickle.loads(checkpoint["episode"]["env"]), checkpoint["episode"]["obs"]
-    return env, env.reset(seed=seed)[0]
 
 
 if __name__ == "__main__":

@@ -76,22 +76,17 @@ class Args:
     eval_frequency: int = 500000  # run evaluation episodes every this many steps
     eval_episodes: int = 10  # the number of evaluation episodes (actions sampled from pi)
     log_frequency: int = 100  # log losses every this many updates
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
     checkpoint_frequency: int = 0
     """checkpoint at the first update after every this many steps; 0: only on SIGTERM or Ctrl-C. A
     resumed run starts new games (ale-py's vector env cannot save its emulators)"""
     resume: str | None = None
     """continue the run of this checkpoint (or run folder); only
     --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at the first update at or after this step, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -235,39 +230,40 @@ def soft_q_loss(logits, values, actions, targets, tau: float, regularizer: str, 
     return loss, {"soft_q_loss": loss.detach()}
 
 
+def update(rollout: dict, next_obs: torch.Tensor, learner: dict, args: Args) -> dict:
+    """One gradient step on a rollout: the n-step returns (Eq. 79, 80 or 47, detached), then the
+    loss of --update (clipped gradient norm, RMSprop). Returns the loss and estimates to log."""
+    agent, T, N = learner["agent"], args.num_steps, args.num_envs
+    logits, values = agent(rollout["obs"].flatten(0, 1))
+    with torch.no_grad():
+        penalties = penalty(logits.detach(), args.regularizer).view(T, N)
+        kind = "soft-q" if args.update == "soft-q" else args.objective
+        returns = nstep_returns(rollout["rewards"], penalties, rollout["dones"], rollout["ends"],
+                                agent(next_obs)[1], rollout["final_values"], args.gamma, args.tau,
+                                kind).flatten()  # fmt: skip
+    actions = rollout["actions"].flatten()
+    if args.update == "soft-q":
+        adv_scale = 1.0 / args.tau if args.adv_grad_scale is None else args.adv_grad_scale
+        loss, stats = soft_q_loss(logits, values, actions, returns, args.tau, args.regularizer,
+                                  adv_scale, args.value_grad_scale)
+    else:
+        loss, stats = a2c_loss(logits, values, actions, returns, args.tau, args.vf_coef,
+                               args.regularizer)
+    learner["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    learner["optimizer"].step()
+    return dict(loss=loss.detach(), stats=stats, logits=logits.detach(), values=values.detach(),
+                returns=returns)
+
+
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        video = "videos/eval" if args.capture_video else None
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", video_folder=video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    game = atari_game(args.env_id)
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    # a resumed run starts new games, seeded by the step it resumes at
-    env_seed = args.seed + start_step
-    life, frames = args.episodic_life, args.max_episode_frames
-    envs = make_env(game, args.num_envs, env_seed, args.sticky_actions, life, frames)
+    args, run, envs = start_run(args)  # --eval-model; resume, checks, envs, writer, seeds...
+    device, T, N = run.device, args.num_steps, args.num_envs
     n_actions = envs.single_action_space.n
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint after the update, exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    # a checkpoint is taken after the update that logged at start_step: hide the logs after it
-    writer = make_writer(args, run_name, start_step + 1 if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     agent = Agent(n_actions).to(device)
     rms = dict(lr=args.learning_rate, alpha=args.rms_alpha, eps=args.rms_eps)
     optimizer = torch.optim.RMSprop(agent.parameters(), **rms)
-    T, N = args.num_steps, args.num_envs
     rollout = {
         "obs": torch.zeros((T, N, 4, 84, 84), dtype=torch.uint8, device=device),
         "actions": torch.zeros((T, N), dtype=torch.long, device=device),
@@ -276,35 +272,14 @@ def train(args: Args) -> None:
     }
     num_updates = args.total_timesteps // (T * N)
     learner = dict(agent=agent, optimizer=optimizer)
-    global_step, next_eval, start_iteration = 0, args.eval_frequency, 1
-    if checkpoint:
-        restore(checkpoint, learner)
-        global_step, next_eval = checkpoint["global_step"], checkpoint["next_eval"]
-        start_iteration = checkpoint["iteration"] + 1
-    print(f"{SCRIPT}: {game}, {n_actions} actions, {N} envs x {T} steps, update {args.update}, "
-          f"objective {args.objective}, regularizer {args.regularizer}, tau {args.tau}; {device}; "
-          f"runs/{run_name}")  # fmt: skip
-    if checkpoint:
-        print(f"resumed {args.resume} at step {global_step} of {args.total_timesteps}, new games")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    every = args.checkpoint_frequency
-    next_checkpoint = (global_step // every + 1) * every if every else 0  # at the update after it
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
-    obs, reset_info = envs.reset(seed=args.seed + start_step)
+    global_step, start_iteration = run.restore(learner)  # a checkpoint's learner and counters
+    obs, reset_info = envs.reset(seed=args.seed + global_step)
     obs = torch.as_tensor(obs, device=device)
     lives = reset_info["lives"]
     game_returns, game_lengths = np.zeros(N), np.zeros(N, dtype=np.int64)
     for iteration in range(start_iteration, num_updates + 1):
-        counters = dict(iteration=iteration - 1, next_eval=next_eval, n_actions=int(n_actions))
-        if stop_signals or (args.stop_at is not None and global_step >= args.stop_at):
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, counters)
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
-        if every and global_step >= next_checkpoint:
-            next_checkpoint = (global_step // every + 1) * every
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, counters)
+        # SIGTERM, Ctrl-C or --stop-at: checkpoint, exit; and every --checkpoint-frequency steps
+        run.save_if_due(global_step, iteration - 1, learner, n_actions)
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_updates
             optimizer.param_groups[0]["lr"] = args.learning_rate * frac
@@ -332,78 +307,17 @@ def train(args: Args) -> None:
             lives = info["lives"]
             for i in np.flatnonzero(terminated | truncated):
                 if truncated[i] or not life_lost[i]:
-                    writer.add_scalar("charts/episodic_return", game_returns[i], global_step)
-                    last_return = game_returns[i]
-                    writer.add_scalar("charts/episodic_length", game_lengths[i], global_step)
+                    run.log_game(game_returns[i], game_lengths[i], global_step)
                     game_returns[i], game_lengths[i] = 0.0, 0
             obs = torch.as_tensor(next_obs, device=device)
 
-        logits, values = agent(rollout["obs"].flatten(0, 1))
-        with torch.no_grad():  # the returns of Eq. 79, 80 or 47, detached
-            penalties = penalty(logits.detach(), args.regularizer).view(T, N)
-            kind = "soft-q" if args.update == "soft-q" else args.objective
-            ends = (rollout["dones"], rollout["ends"], agent(obs)[1], rollout["final_values"])
-            soft = (args.gamma, args.tau, kind)
-            returns = nstep_returns(rollout["rewards"], penalties, *ends, *soft)
-            returns = returns.flatten()
-        actions = rollout["actions"].flatten()
-        if args.update == "soft-q":
-            adv_scale = 1.0 / args.tau if args.adv_grad_scale is None else args.adv_grad_scale
-            grad_scales = (adv_scale, args.value_grad_scale)
-            loss, stats = soft_q_loss(logits, values, actions, returns, args.tau, args.regularizer,
-                                      *grad_scales)
-        else:
-            loss, stats = a2c_loss(logits, values, actions, returns, args.tau, args.vf_coef,
-                                   args.regularizer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-        optimizer.step()
-
-        if iteration % args.log_frequency == 0 or iteration == 1:
-            if not torch.isfinite(loss):
-                sys.exit(f"error: a non-finite loss at step {global_step}: lower --learning-rate")
-            # rewards are clipped to their sign, so |r| <= 1; |tau p(s)| <= tau ln|A|
-            check_values(values, 1.0, args.gamma, args.tau * np.log(n_actions), global_step)
-            with torch.no_grad():
-                log_pi = torch.log_softmax(logits, -1)
-                entropy = -(log_pi.exp() * log_pi).sum(-1).mean()
-                var_r = returns.var()
-                explained = 1 - (returns - values).var() / var_r if var_r > 0 else torch.tensor(0.0)
-            stats.update(loss=loss, entropy=entropy, kl_to_uniform=np.log(n_actions) - entropy)
-            stats.update(explained_variance=explained, values=values.mean())
-            for key, value in stats.items():
-                writer.add_scalar(f"losses/{key}", value, global_step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-
-        if global_step >= next_eval or iteration == num_updates:
-            next_eval += args.eval_frequency
-            video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
-            returns = evaluate_policy(agent, game, args.eval_episodes, args.seed + 10_000, device,
-                                      args.sticky_actions, args.max_episode_frames, video,
-                                      f"eval-step-{global_step}")  # fmt: skip
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            progress.print(f"step {global_step}: eval return {returns.mean():.1f} "
-                           f"+- {returns.std():.1f}, SPS {sps}")
-        progress.update(global_step, last_return)
-    progress.print()
-
-    if every:  # the end too, so that a finished run can be extended with --resume
-        counters = dict(iteration=num_updates, next_eval=next_eval, n_actions=int(n_actions))
-        save_checkpoint(checkpoint_path, global_step, args, run_name, learner, counters)
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        weights = {"n_actions": int(n_actions), "agent": agent.state_dict()}
-        torch.save({"script": SCRIPT, "args": vars(args), **weights}, model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    envs.close()
-    writer.close()
+        logs = update(rollout, obs, learner, args)
+        if iteration % args.log_frequency == 0 or iteration == 1:  # stops a diverging run
+            log_update(run, logs, learner, args, n_actions, global_step)
+        if run.evaluation_due(global_step, iteration == num_updates):
+            run.evaluate(global_step, agent)
+        run.progress.update(global_step, run.last_return)
+    run.finish(global_step, num_updates, learner, n_actions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +348,51 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
             sys.exit(f"error: {msg}")
     if args.capture_video:
         check_video_prerequisites()
+
+
+def start_run(args: Args):
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, the envs and a Run (name, writer, seeds...)."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        video = "videos/eval" if args.capture_video else None
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", video_folder=video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    game, start_step = atari_game(args.env_id), checkpoint["global_step"] if checkpoint else 0
+    # a resumed run starts new games, seeded by the step it resumes at
+    life, frames = args.episodic_life, args.max_episode_frames
+    envs = make_env(game, args.num_envs, args.seed + start_step, args.sticky_actions, life, frames)
+    run = Run(args, checkpoint, game, envs)
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {game}, {envs.single_action_space.n} actions, {args.num_envs} envs x "
+        f"{args.num_steps} steps, update {args.update}, objective {args.objective}, regularizer "
+        f"{args.regularizer}, tau {args.tau}; {run.device}; runs/{run.name}"
+    )
+    return args, run, envs
+
+
+def log_update(run: "Run", logs: dict, learner: dict, args: Args, n_actions: int, step: int):
+    """Stop a run whose loss is not finite or whose values run away; log the update's loss,
+    its terms, the policy's entropy and how much of the returns' variance V explains."""
+    if not torch.isfinite(logs["loss"]):
+        sys.exit(f"error: a non-finite loss at step {step}: lower --learning-rate")
+    # rewards are clipped to their sign, so |r| <= 1; |tau p(s)| <= tau ln|A|
+    values, returns = logs["values"], logs["returns"]
+    check_values(values, 1.0, args.gamma, args.tau * np.log(n_actions), step)
+    log_pi = torch.log_softmax(logs["logits"], -1)
+    entropy = -(log_pi.exp() * log_pi).sum(-1).mean()
+    var_r = returns.var()
+    explained = 1 - (returns - values).var() / var_r if var_r > 0 else torch.tensor(0.0)
+    stats = logs["stats"]
+    stats.update(loss=logs["loss"], entropy=entropy, kl_to_uniform=np.log(n_actions) - entropy)
+    stats.update(explained_variance=explained, values=values.mean())
+    lr = learner["optimizer"].param_groups[0]["lr"]
+    run.writer.add_scalar("charts/learning_rate", lr, step)
+    run.log(stats, step)
 
 
 def check_values(values, max_reward: float, gamma: float, bonus: float, step: int) -> None:
@@ -500,6 +459,133 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", max_frames=None,
                            video_folder)
 
 
+class Run:
+    """The run-keeping half of train(): the run's name, stop signals, writer and seeds, then its
+    checkpoints, logs of games and updates, evaluations, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, game: str, envs):
+        name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.checkpoint, self.game, self.envs = args, checkpoint, game, envs
+        self.name = checkpoint["run_name"] if checkpoint else name
+        self.path = f"runs/{self.name}/checkpoint.pt"
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint after the update
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=self.name, save_code=True)  # fmt: skip
+        # a checkpoint is taken after the update that logged at its step: hide the logs after it
+        purge_step = checkpoint["global_step"] + 1 if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{self.name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_step, self.last_return, self.next_eval = 0, None, args.eval_frequency
+
+    def restore(self, learner: dict) -> tuple[int, int]:
+        """Load a checkpoint's learner, counters and random states; the step and the iteration to
+        go on from."""
+        print(self.banner)
+        start_iteration = 1
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():  # networks and optimizer
+                x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.start_step, self.next_eval = ckpt["global_step"], ckpt["next_eval"]
+            start_iteration = ckpt["iteration"] + 1
+            total = self.args.total_timesteps
+            print(f"resumed {self.args.resume} at step {self.start_step} of {total}, new games")
+        every = self.args.checkpoint_frequency  # the first checkpoint: at the update after it
+        self.next_checkpoint = (self.start_step // every + 1) * every if every else 0
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+        return self.start_step, start_iteration
+
+    def save(self, step: int, iterations_done: int, learner: dict, n_actions: int) -> None:
+        """The learner after the update that reached step `step`, the counters and the random
+        states (not the games in progress); written to a temporary file, then renamed: a kill
+        mid-write leaves the last checkpoint whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda)
+        counters = dict(iteration=iterations_done, next_eval=self.next_eval)
+        counters["n_actions"] = int(n_actions)
+        state = {k: x.state_dict() for k, x in learner.items()}
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, **counters, **state}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def save_if_due(self, step: int, iterations_done: int, learner: dict, n_actions: int) -> None:
+        """Before an update: on SIGTERM, Ctrl-C or --stop-at, checkpoint and exit; else checkpoint
+        when --checkpoint-frequency steps have passed."""
+        if self.signals or (self.args.stop_at is not None and step >= self.args.stop_at):
+            self.save(step, iterations_done, learner, n_actions)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+        if (every := self.args.checkpoint_frequency) and step >= self.next_checkpoint:
+            self.next_checkpoint = (step // every + 1) * every
+            self.save(step, iterations_done, learner, n_actions)
+
+    def log_game(self, game_return: float, game_length: int, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", game_return, step)
+        self.last_return = game_return
+        self.writer.add_scalar("charts/episodic_length", game_length, step)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's loss and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, step: int, last: bool) -> bool:
+        if step >= self.next_eval or last:
+            self.next_eval += self.args.eval_frequency
+            return True
+        return False
+
+    def evaluate(self, step: int, agent) -> None:
+        """Evaluate the policy, sampled, on new games; log the mean game return."""
+        args = self.args
+        video = f"videos/{self.name}" if args.capture_video else None  # one file per evaluation
+        returns = evaluate_policy(agent, self.game, args.eval_episodes, args.seed + 10_000,
+                                  self.device, args.sticky_actions, args.max_episode_frames, video,
+                                  f"eval-step-{step}")  # fmt: skip
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.progress.print(f"step {step}: eval return {returns.mean():.1f} "
+                            f"+- {returns.std():.1f}, SPS {self.sps(step)}")
+
+    def finish(self, step: int, num_updates: int, learner: dict, n_actions: int) -> None:
+        """End the progress line; a last checkpoint with --checkpoint-frequency (a finished run can
+        be extended with --resume); with --save-model, save the agent, reload and evaluate it."""
+        self.progress.print()
+        if self.args.checkpoint_frequency:
+            self.save(step, num_updates, learner, n_actions)
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            weights = {"n_actions": int(n_actions), "agent": learner["agent"].state_dict()}
+            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        self.envs.close()
+        self.writer.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -522,21 +608,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
@@ -568,29 +639,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, counters: dict):
-    """The learner after the update that reached step `step`, the counters and the random states
-    (the games in progress are not saved); written to a temporary file, then renamed, so that a kill
-    mid-write leaves the previous checkpoint whole."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {k: x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
-    torch.save({**meta, **counters, **state}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict) -> None:
-    """Load the learner and the random states."""
-    for key, x in learner.items():  # networks and optimizer
-        x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
 if __name__ == "__main__":

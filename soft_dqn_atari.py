@@ -77,8 +77,7 @@ class Args:
     eval_episodes: int = 10  # the number of evaluation episodes (epsilon = eval-epsilon)
     eval_epsilon: float = 0.001  # epsilon of the evaluation episodes
     log_frequency: int = 100  # log losses every this many gradient steps
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
     checkpoint_frequency: int = 0
     """checkpoint the learner every this many steps; 0: only on SIGTERM or Ctrl-C. A resumed run
     starts new games (ale-py's vector env cannot save its emulators)"""
@@ -88,14 +87,10 @@ class Args:
     resume: str | None = None
     """continue the run of this checkpoint (or run folder); only
     --total-timesteps, --checkpoint-frequency, --checkpoint-buffer, --stop-at, --cuda may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -332,74 +327,40 @@ def act(q_network, obs: np.ndarray, epsilon: float, n_actions: int, rng, device,
     return np.where(explore, rng.integers(0, n_actions, len(greedy)), greedy)
 
 
+def update(batch: dict, learner: dict, args: Args) -> dict:
+    """One gradient step of the n-step TD loss on a sampled batch, the target network's Q in the
+    target. Returns the loss and estimates to log, detached."""
+    q_network = learner["q_network"]
+    device = next(q_network.parameters()).device
+    b = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    with torch.no_grad():
+        q_next = target_q_next(learner["target_network"], b["next_obs"], b["ends"], args.target)
+        y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, args.gamma, args.tau,
+                         args.target)
+    q_sa = q_network(b["obs"]).gather(1, b["actions"].unsqueeze(1)).squeeze(1)
+    loss = td_loss(q_sa, y)
+    learner["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    learner["optimizer"].step()
+    return dict(loss=loss.detach(), q_sa=q_sa.detach(), y=y)
+
+
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        video = "videos/eval" if args.capture_video else None
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    game = atari_game(args.env_id)
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    # a resumed run starts new games, seeded by the step it resumes at
-    env_seed = args.seed + start_step
-    env = make_env(game, 1, env_seed, args.sticky_actions, args.episodic_life,
-                   args.max_episode_frames)
-    n_actions = env.single_action_space.n
-    bonus = args.tau * np.log(n_actions) if args.target != "hard" else 0.0  # |e(s)| <= tau ln|A|
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    rng = np.random.default_rng(args.seed)
-
+    args, run, env, rb = start_run(args)  # --eval-model; resume, checks, env, writer, buffer...
+    device, rng, n_actions = run.device, run.rng, env.single_action_space.n
     q_network = QNetwork(n_actions).to(device)
     target_network = QNetwork(n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
+    # fused Adam: one kernel for all parameters
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
-    saved_rb = checkpoint and checkpoint["rb"]  # a resumed buffer keeps its size
-    capacity = min(args.buffer_size, args.total_timesteps + 4)
-    capacity = len(saved_rb["actions"]) if saved_rb else capacity
-    rb = FrameReplayBuffer(capacity)
     learner = dict(q_network=q_network, target_network=target_network, optimizer=optimizer)
-    updates_start = args.learning_starts  # the first gradient step
-    if checkpoint:
-        restore(checkpoint, learner, rb, rng)
-        # without its buffer a resumed run refills it first, acting with its policy (epsilon-greedy)
-        updates_start += 0 if saved_rb else start_step
-        del checkpoint  # its copy of the buffer can be large
-    # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py's is the target update's
-    target_name = "hard" if args.target == "hard" else f"{args.target} (temperature {args.tau})"
-    capped = f" (the run's length, not {args.buffer_size})" if capacity < args.buffer_size else ""
-    print(f"{SCRIPT}: {game}, {n_actions} actions, target {target_name}, {args.n_step}-step; "
-          f"replay buffer {rb.capacity} frames{capped} = {rb.nbytes / 2**30:.2f} GiB; {device}; "
-          f"runs/{run_name}")
-    if start_step:
-        how = "restored" if saved_rb else f"refilled to step {updates_start}"
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}, new games; "
-              f"buffer {how}")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
-    obs, _ = env.reset(seed=args.seed + start_step)
+    # the first gradient step: later on a resume without the buffer, which refills it first
+    updates_start = run.restore(learner, rb)
+    obs, _ = env.reset(seed=args.seed + run.start_step)
     rb.start_episode(obs[0])
     game_return, game_length = 0.0, 0
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, rb, rng)
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.stop_if_asked(global_step, learner, rb)  # SIGTERM, Ctrl-C, --stop-at: checkpoint, exit
         duration = int(args.exploration_fraction * args.total_timesteps)
         epsilon = linear_schedule(args.start_e, args.end_e, duration, global_step)
         # uniform random in the warm-up, as baselines' DQN; CleanRL acts epsilon-greedy from the
@@ -417,12 +378,8 @@ def train(args: Args) -> None:
         game_length += 1
         obs = next_obs
         lost_all = not args.episodic_life or info["lives"][0] == 0
-        game_over = truncated[0] or (terminated[0] and lost_all)
-        if game_over:
-            writer.add_scalar("charts/episodic_return", game_return, global_step)
-            last_return = game_return
-            writer.add_scalar("charts/episodic_length", game_length, global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
+        if truncated[0] or (terminated[0] and lost_all):  # the game is over
+            run.log_game(game_return, game_length, epsilon, global_step)
             game_return, game_length = 0.0, 0
             obs, *_ = env.step(np.zeros(1, dtype=np.int64))  # NEXT_STEP autoreset: this call resets
             rb.start_episode(obs[0])
@@ -431,58 +388,15 @@ def train(args: Args) -> None:
 
         if global_step >= updates_start:
             if global_step % args.train_frequency == 0:
-                batch = rb.sample(args.batch_size, args.n_step, rng)
-                b = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-                with torch.no_grad():
-                    q_next = target_q_next(target_network, b["next_obs"], b["ends"], args.target)
-                    y = nstep_target(b["rewards"], b["dones"], b["ends"], q_next, args.gamma,
-                                     args.tau, args.target)
-                q_sa = q_network(b["obs"]).gather(1, b["actions"].unsqueeze(1)).squeeze(1)
-                loss = td_loss(q_sa, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if global_step % (args.log_frequency * args.train_frequency) == 0:
-                    if not torch.isfinite(loss):
-                        sys.exit(f"error: the TD loss is not finite at {global_step}: raise --tau")
-                    check_values(q_sa, np.abs(rb.rewards).max(), args.gamma, bonus, global_step)
-                    writer.add_scalar("losses/td_loss", loss.item(), global_step)
-                    writer.add_scalar("losses/q_values", q_sa.mean().item(), global_step)
-                    writer.add_scalar("losses/target_values", y.mean().item(), global_step)
-                    sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("charts/SPS", sps, global_step)
+                logs = update(rb.sample(args.batch_size, args.n_step, rng), learner, args)
+                log_update(run, logs, args, rb, n_actions, global_step)  # stops a diverging run
             if global_step % args.target_network_frequency == 0:
                 target_network.load_state_dict(q_network.state_dict())
 
-        steps_done = global_step + 1
-        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
-            video = f"videos/{run_name}" if args.capture_video else None  # one file per evaluation
-            returns, lengths = evaluate_policy(
-                q_network, game, args.eval_episodes, args.eval_epsilon, args.seed + 10_000, device,
-                args.sticky_actions, video, args.max_episode_frames, f"eval-step-{steps_done}",
-            )  # fmt: skip
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            writer.add_scalar("eval/episodic_length", lengths.mean(), global_step)
-            sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"step {steps_done}: eval return {returns.mean():.1f} +- "
-                           f"{returns.std():.1f} ({lengths.mean():.0f} steps a game), "
-                           f"epsilon {epsilon:.3f}, SPS {sps}")
-        end = steps_done == args.total_timesteps
-        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, rb, rng)
-        progress.update(steps_done, last_return)
-    progress.print()
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({"script": SCRIPT, "args": vars(args), "q_network": q_network.state_dict()},
-                   model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    env.close()
-    writer.close()
+        if run.evaluation_due(global_step + 1):  # epsilon-greedy at --eval-epsilon
+            run.evaluate(global_step, q_network, epsilon)
+        run.step_done(global_step + 1, learner, rb)  # periodic checkpoint, progress line
+    run.finish({"q_network": q_network.state_dict()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +429,52 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
             sys.exit(f"error: {msg}")
     if args.capture_video:
         check_video_prerequisites()
+
+
+def start_run(args: Args):
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, the env, a Run (name, writer, seeds...) and the
+    replay buffer, as long as the run at most (a resumed buffer keeps its size)."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        video = "videos/eval" if args.capture_video else None
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    game, start_step = atari_game(args.env_id), checkpoint["global_step"] if checkpoint else 0
+    # a resumed run starts new games, seeded by the step it resumes at
+    env = make_env(game, 1, args.seed + start_step, args.sticky_actions, args.episodic_life,
+                   args.max_episode_frames)
+    run = Run(args, checkpoint, game, env)
+    # --tau is the soft targets' temperature here; CleanRL's dqn_atari.py's is the target update's
+    target_name = "hard" if args.target == "hard" else f"{args.target} (temperature {args.tau})"
+    saved_rb = checkpoint and checkpoint["rb"]  # a resumed buffer keeps its size
+    capacity = min(args.buffer_size, args.total_timesteps + 4)
+    capacity = len(saved_rb["actions"]) if saved_rb else capacity
+    rb = FrameReplayBuffer(capacity)
+    capped = f" (the run's length, not {args.buffer_size})" if capacity < args.buffer_size else ""
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {game}, {env.single_action_space.n} actions, target {target_name}, "
+        f"{args.n_step}-step; replay buffer {rb.capacity} frames{capped} = "
+        f"{rb.nbytes / 2**30:.2f} GiB; {run.device}; runs/{run.name}"
+    )
+    return args, run, env, rb
+
+
+def log_update(run: "Run", logs: dict, args: Args, rb, n_actions: int, step: int) -> None:
+    """Every --log-frequency gradient steps: stop a run whose loss is not finite or whose values
+    run away, and log the last update's loss and estimates."""
+    if step % (args.log_frequency * args.train_frequency) != 0:
+        return
+    if not torch.isfinite(logs["loss"]):
+        sys.exit(f"error: the TD loss is not finite at {step}: raise --tau")
+    bonus = args.tau * np.log(n_actions) if args.target != "hard" else 0.0  # |e(s)| <= tau ln|A|
+    check_values(logs["q_sa"], np.abs(rb.rewards).max(), args.gamma, bonus, step)
+    run.log(dict(td_loss=logs["loss"].item(), q_values=logs["q_sa"].mean().item(),
+                 target_values=logs["y"].mean().item()), step)
 
 
 def check_values(q, max_reward: float, gamma: float, bonus: float, step: int) -> None:
@@ -585,6 +545,137 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", video_folder=Non
     return returns
 
 
+class Run:
+    """The run-keeping half of train(): the run's name, stop signals, writer and seeds, then its
+    checkpoints, logs of games and updates, evaluations, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, game: str, env):
+        name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.checkpoint, self.game, self.env = args, checkpoint, game, env
+        self.name = checkpoint["run_name"] if checkpoint else name
+        self.path = f"runs/{self.name}/checkpoint.pt"
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=self.name, save_code=True)  # fmt: skip
+        # a resumed run logs into its folder, hiding what the stopped run logged from its step on
+        purge_step = checkpoint["global_step"] if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{self.name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.rng = np.random.default_rng(args.seed)  # the acting and sampling generator
+        self.start_step, self.last_return = 0, None
+
+    def restore(self, learner: dict, rb: FrameReplayBuffer) -> int:
+        """Load a checkpoint's learner, random states and, if saved, the replay buffer (its stored
+        episode cut: the resumed run starts new games); the step of the first gradient step."""
+        print(self.banner)
+        updates_start = self.args.learning_starts
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():  # networks and optimizer
+                x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.rng.bit_generator.state = ckpt["rng"]["act"]
+            if ckpt["rb"] is not None:
+                rb.load_state_dict(ckpt["rb"])
+                rb.cut_episode()
+            # without its buffer a resumed run refills it first, acting with its policy
+            self.start_step = ckpt["global_step"]
+            updates_start += 0 if ckpt["rb"] is not None else self.start_step
+            how = "restored" if ckpt["rb"] is not None else f"refilled to step {updates_start}"
+            print(f"resumed {self.args.resume} at step {self.start_step} of "
+                  f"{self.args.total_timesteps}, new games; buffer {how}")
+            self.checkpoint = None  # its copy of the buffer can be large
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+        return updates_start
+
+    def save(self, step: int, learner: dict, rb: FrameReplayBuffer) -> None:
+        """The learner before step `step`, the random states and, with --checkpoint-buffer, the
+        replay buffer (not the games in progress); written to a temporary file, then renamed: a
+        kill mid-write leaves the last checkpoint whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda, act=self.rng.bit_generator.state)
+        state = {k: x.state_dict() for k, x in learner.items()}
+        state["rb"] = rb.state_dict() if self.args.checkpoint_buffer else None
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, **state}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def stop_if_asked(self, step: int, learner: dict, rb: FrameReplayBuffer) -> None:
+        if self.signals or step == self.args.stop_at:  # checkpoint as before `step`, and exit
+            self.save(step, learner, rb)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+
+    def log_game(self, game_return: float, game_length: int, epsilon: float, step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", game_return, step)
+        self.last_return = game_return
+        self.writer.add_scalar("charts/episodic_length", game_length, step)
+        self.writer.add_scalar("charts/epsilon", epsilon, step)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's loss and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, steps: int) -> bool:
+        return steps % self.args.eval_frequency == 0 or steps == self.args.total_timesteps
+
+    def evaluate(self, step: int, q_network, epsilon: float) -> None:
+        """Evaluate at --eval-epsilon on new games; log the mean game return and length."""
+        args = self.args
+        video = f"videos/{self.name}" if args.capture_video else None  # one file per evaluation
+        returns, lengths = evaluate_policy(
+            q_network, self.game, args.eval_episodes, args.eval_epsilon, args.seed + 10_000,
+            self.device, args.sticky_actions, video, args.max_episode_frames,
+            f"eval-step-{step + 1}",
+        )  # fmt: skip
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.writer.add_scalar("eval/episodic_length", lengths.mean(), step)
+        self.progress.print(f"step {step + 1}: eval return {returns.mean():.1f} +- "
+                            f"{returns.std():.1f} ({lengths.mean():.0f} steps a game), "
+                            f"epsilon {epsilon:.3f}, SPS {self.sps(step + 1)}")
+
+    def step_done(self, steps: int, learner: dict, rb: FrameReplayBuffer) -> None:
+        every, end = self.args.checkpoint_frequency, steps == self.args.total_timesteps
+        if every and (steps % every == 0 or end):
+            self.save(steps, learner, rb)
+        self.progress.update(steps, self.last_return)
+
+    def finish(self, weights: dict) -> None:
+        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+        self.progress.print()
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        self.env.close()
+        self.writer.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -607,21 +698,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "checkpoint_buffer", "stop_at", "cuda")
@@ -654,36 +730,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, rb, rng):
-    """The learner before step `step`, the random states and, with --checkpoint-buffer, the replay
-    buffer (the games in progress are not saved); written to a temporary file, then renamed, so that
-    a kill mid-write leaves the previous checkpoint whole."""
-    rngs = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rngs["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rngs["act"] = rng.bit_generator.state
-    state = {k: x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rngs)
-    state["rb"] = rb.state_dict() if args.checkpoint_buffer else None
-    torch.save({**meta, **state}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict, rb: FrameReplayBuffer, rng: np.random.Generator):
-    """Load the learner, the random states and the replay buffer if saved; the stored episode is cut
-    there, since the resumed run starts a new game."""
-    for key, x in learner.items():  # networks and optimizer
-        x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    rng.bit_generator.state = checkpoint["rng"]["act"]
-    if checkpoint["rb"] is not None:
-        rb.load_state_dict(checkpoint["rb"])
-        rb.cut_episode()
 
 
 if __name__ == "__main__":

@@ -72,21 +72,15 @@ class Args:
     eval_frequency: int = 5000  # evaluate the policy's mean action every this many gradient steps
     eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
     log_frequency: int = 1000  # log losses and SPS every this many gradient steps
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    checkpoint_frequency: int = 0
-    """checkpoint the learner every this many steps; 0: only on SIGTERM or Ctrl-C"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
+    checkpoint_frequency: int = 0  # checkpoint every this many steps; 0: on SIGTERM, Ctrl-C only
     resume: str | None = None
     """continue the run of this checkpoint (or run folder); only
     --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -235,45 +229,10 @@ def update(batch, learner: dict, args: Args) -> dict:
                 q_loss=q_loss.detach())
 
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    meta = load_dataset(args.dataset)
-    data = qlearning_dataset(meta["raw"], args.gamma)
-    env_id = args.env_id or meta["env_id"]
-    if env_id is None and "eval_env" not in meta:
-        sys.exit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
-    env_kwargs = meta["env_kwargs"] if args.env_id is None else {}
-    run_name = f"{dataset_name(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    if args.capture_video and env_id is not None:
-        check_video_prerequisites(env_id)
-    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{run_name}",
-                   meta.get("eval_env"), args.eval_episodes)
-    env_name = env_id or env.spec.id
-    check_env_matches(env, env_name, data)
-    returns_in_data = episode_returns(meta["raw"])
-    span = returns_in_data.max() - returns_in_data.min()  # the same data, any file: the same scale
-    reward_scale = args.reward_scale or (1000.0 / max(span, 1e-8) if args.normalize_reward else 1.0)
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # the whole dataset sits on the device as tensors: a batch is one index operation
-    D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
-    D["rewards"] = D["rewards"] * reward_scale
-    D["returns_to_go"] = D["returns_to_go"] * reward_scale  # a diagnostic for V, not a target
-    n_data = len(D["rewards"])
+    args, run, D = start_run(args)  # --eval-model; resume, checks, data, env, writer...: appendix
+    device, n_data = run.device, len(D["rewards"])
     obs_dim, act_dim = D["observations"].shape[1], D["actions"].shape[1]
-    low, high = env.action_space.low, env.action_space.high
+    low, high = run.env.action_space.low, run.env.action_space.high
     policy = GaussianPolicy(obs_dim, low, high, args.hidden_size).to(device)
     vf = Critic(obs_dim, args.hidden_size, layer_norm=True).to(device)  # as the authors' V
     q_in = obs_dim + act_dim
@@ -281,79 +240,31 @@ def train(args: Args) -> None:
     critics, critics_target = qfs[:2], qfs[2:]  # two critics, then their Polyak averages
     for qf, qf_target in zip(critics, critics_target):
         qf_target.load_state_dict(qf.state_dict())
-    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
+    # fused Adam: one kernel for all parameters
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.learning_rate, fused=True)
     q_params = [p for qf in critics for p in qf.parameters()]
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR
     policy_lr_schedule = cosine(policy_optimizer, args.total_timesteps)
-    eval_env = {"env_id": env_id, "env_kwargs": env_kwargs}  # env_id None: the Minari dataset's own
     learner = dict(policy=policy, vf=vf, v_optimizer=v_optimizer, q_optimizer=q_optimizer)
     learner.update(policy_optimizer=policy_optimizer, policy_lr_schedule=policy_lr_schedule)
     learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)})
     learner.update({f"qf{i}_target": qf for i, qf in enumerate(critics_target, 1)})
-    start_step = restore(checkpoint, learner) if checkpoint else 0
+    run.restore(learner)  # a checkpoint's learner and random states
     policy_lr_schedule.T_max = args.total_timesteps  # on resume, the cosine stretched to a new end
-    loss = f"beta {args.beta}" if args.value_loss == "gumbel" else f"expectile {args.expectile}"
-    r = returns_in_data
-    print(f"{SCRIPT}: {args.dataset}, {n_data} transitions, {len(r)} trajectories of return "
-          f"{r.mean():.1f} ({r.min():.1f} to {r.max():.1f}), reward scale {reward_scale:.4g}; "
-          f"eval env {env_name}; {loss}, eta {args.eta}; {device}; runs/{run_name}")  # fmt: skip
-    if checkpoint:
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, eval_env)
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+    keys = ("observations", "actions", "rewards", "next_observations", "dones")
+    for global_step in range(run.start_step, args.total_timesteps):  # gradient steps
+        run.stop_if_asked(global_step, learner)  # SIGTERM, Ctrl-C, --stop-at: checkpoint, exit
         idx = torch.randint(0, n_data, (args.batch_size,), device=device)
-        b_obs, b_actions, b_rewards = D["observations"][idx], D["actions"][idx], D["rewards"][idx]
-        b_next_obs, b_dones = D["next_observations"][idx], D["dones"][idx]
-
-        logs = update((b_obs, b_actions, b_rewards, b_next_obs, b_dones), learner, args)
-
-        if global_step % args.log_frequency == 0:
-            if not torch.isfinite(logs["value_loss"] + logs["q_loss"] + logs["policy_loss"]):
-                sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
-            check_values(logs["v"], D["rewards"], args.gamma, 0.0, global_step)
-            data_return = D["returns_to_go"][idx]
-            log_update(writer, logs, data_return, learner, args, global_step, start_step,
-                       start_time)
-
-        steps_done = global_step + 1  # gradient steps
-        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
-            returns = evaluate_policy(policy, env, args.eval_episodes, device, args.seed + 10_000)
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            last_return = returns.mean()
-            line = f"step {steps_done}: eval return {returns.mean():.1f}"
-            if meta["ref_scores"] is not None:
-                score = normalized_score(returns, *meta["ref_scores"])
-                writer.add_scalar("eval/normalized_score", score.mean(), global_step)
-                line += f", normalized score {score.mean():.1f}"
-            sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"{line}, SPS {sps}")
-        end = steps_done == args.total_timesteps
-        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, eval_env)
-        progress.update(steps_done, last_return)
-    progress.print()
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        nets = {"policy": policy.state_dict(), "vf": vf.state_dict()}
-        nets["critics"] = [qf.state_dict() for qf in critics]
-        torch.save({"script": SCRIPT, "args": vars(args), **nets, **eval_env}, model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    env.close()
-    writer.close()
+        logs = update(tuple(D[k][idx] for k in keys), learner, args)
+        if global_step % args.log_frequency == 0:  # stops a diverging run
+            log_update(run, logs, D, idx, learner, args, global_step)
+        if run.evaluation_due(global_step + 1):  # the policy's mean action
+            run.evaluate(global_step, policy)
+        run.step_done(global_step + 1, learner)  # periodic checkpoint, progress line
+    run.finish({"policy": policy.state_dict(), "vf": vf.state_dict(),
+                "critics": [qf.state_dict() for qf in critics]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +303,71 @@ D4RL_REF_SCORES = dict(hopper=(-20.272305, 3234.3), halfcheetah=(-280.178953, 12
 # the gymnasium env of each D4RL robot, with D4RL's observation layout (ant: 111-d, contact forces)
 D4RL_ENVS = {"hopper": ("Hopper-v5", {}), "halfcheetah": ("HalfCheetah-v5", {})}
 D4RL_ENVS.update(walker2d=("Walker2d-v5", {}), ant=("Ant-v4", {"use_contact_forces": True}))
+def start_run(args: Args) -> tuple[Args, "Run", dict]:
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, the dataset (on the device, rewards scaled), the
+    eval env and a Run (signals, writer, seeds...)."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    meta = load_dataset(args.dataset)
+    data = qlearning_dataset(meta["raw"], args.gamma)
+    env_id = args.env_id or meta["env_id"]
+    if env_id is None and "eval_env" not in meta:
+        sys.exit(f"error: cannot infer the evaluation env of {args.dataset}; pass --env-id")
+    env_kwargs = meta["env_kwargs"] if args.env_id is None else {}
+    name = f"{dataset_name(args.dataset)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    name = checkpoint["run_name"] if checkpoint else name
+    if args.capture_video and env_id is not None:
+        check_video_prerequisites(env_id)
+    env = make_env(env_id, args.seed, env_kwargs, args.capture_video, f"videos/{name}",
+                   meta.get("eval_env"), args.eval_episodes)
+    env_name = env_id or env.spec.id
+    check_env_matches(env, env_name, data)
+    r = episode_returns(meta["raw"])
+    span = r.max() - r.min()  # the same data, any file: the same scale
+    reward_scale = args.reward_scale or (1000.0 / max(span, 1e-8) if args.normalize_reward else 1.0)
+    env_spec = {"env_id": env_id, "env_kwargs": env_kwargs}  # env_id None: the Minari dataset's own
+    run = Run(args, checkpoint, name, env, env_spec, meta["ref_scores"])
+    # the whole dataset sits on the device as tensors: a batch is one index operation
+    D = {k: torch.as_tensor(v, device=run.device) for k, v in data.items()}
+    D["rewards"] = D["rewards"] * reward_scale
+    D["returns_to_go"] = D["returns_to_go"] * reward_scale  # a diagnostic for V, not a target
+    loss = f"beta {args.beta}" if args.value_loss == "gumbel" else f"expectile {args.expectile}"
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {args.dataset}, {len(D['rewards'])} transitions, {len(r)} trajectories of "
+        f"return {r.mean():.1f} ({r.min():.1f} to {r.max():.1f}), reward scale "
+        f"{reward_scale:.4g}; eval env {env_name}; {loss}, eta {args.eta}; {run.device}; "
+        f"runs/{run.name}"
+    )
+    return args, run, D
+
+
+def log_update(run: "Run", logs: dict, D: dict, idx, learner: dict, args: Args, step: int):
+    """Stop a run whose losses are not finite or whose values run away; log the losses and
+    estimates of the last update, and the policy's learning rate."""
+    if not torch.isfinite(logs["value_loss"] + logs["q_loss"] + logs["policy_loss"]):
+        sys.exit(f"error: a loss is not finite at step {step}; try a larger --beta")
+    check_values(logs["v"], D["rewards"], args.gamma, 0.0, step)
+    # V read against the same states' discounted return in the data shows over-estimation
+    weights = logs["weights"]
+    scalars = dict(value_loss=logs["value_loss"], qf_loss=logs["q_loss"] / 2,
+                   policy_loss=logs["policy_loss"],
+                   v_values=logs["v"].mean(), data_discounted_return=D["returns_to_go"][idx].mean(),
+                   qf1_values=logs["q_values"][0].mean(), awr_weights_mean=weights.mean(),
+                   awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
+    if args.value_loss == "gumbel":
+        scalars["max_z"] = ((logs["q_bar"] - logs["v"]) / args.beta).max()
+    run.writer.add_scalar("charts/policy_learning_rate",
+                          learner["policy_optimizer"].param_groups[0]["lr"], step)
+    run.log(scalars, step)
+
+
 KINDS = "random|medium|expert|medium-replay|medium-expert|full-replay"
 D4RL_NAME = re.compile(rf"^(hopper|halfcheetah|walker2d|ant)-({KINDS})-v(\d)$")
 D4RL_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -598,24 +574,6 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta or a smaller --learning-rate")
 
 
-def log_update(writer, logs: dict, data_return, learner: dict, args: Args, step: int,
-               start_step: int, start_time: float):
-    """The losses and estimates of the last update, the policy's learning rate, steps per second."""
-    # V read against the same states' discounted return in the data shows over-estimation
-    weights = logs["weights"]
-    scalars = dict(value_loss=logs["value_loss"], qf_loss=logs["q_loss"] / 2,
-                   policy_loss=logs["policy_loss"],
-                   v_values=logs["v"].mean(), data_discounted_return=data_return.mean(),
-                   qf1_values=logs["q_values"][0].mean(), awr_weights_mean=weights.mean(),
-                   awr_weights_capped_frac=(weights >= args.max_weight).float().mean())
-    if args.value_loss == "gumbel":
-        scalars["max_z"] = ((logs["q_bar"] - logs["v"]) / args.beta).max()
-    for tag, value in scalars.items():
-        writer.add_scalar(f"losses/{tag}", value, step)
-    lr = learner["policy_optimizer"].param_groups[0]["lr"]
-    writer.add_scalar("charts/policy_learning_rate", lr, step)
-    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
-
 @torch.no_grad()
 def evaluate_policy(policy: GaussianPolicy, env: gym.Env, n_episodes: int, device, seed: int):
     """Returns of `n_episodes` episodes acting with the policy's mean action."""
@@ -650,6 +608,115 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(policy.to(device), env, eval_episodes, torch.device(device), seed)
 
 
+class Run:
+    """The run-keeping half of train(): the run's stop signals, writer and seeds, then its
+    checkpoints, update and evaluation logs, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, name: str, env: gym.Env, env_spec: dict,
+                 ref_scores):  # fmt: skip
+        self.args, self.checkpoint, self.name, self.env = args, checkpoint, name, env
+        self.env_spec = env_spec  # the eval env as a saved model's evaluation makes it again
+        self.ref_scores, self.path = ref_scores, f"runs/{name}/checkpoint.pt"
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=name, save_code=True)  # fmt: skip
+        # a resumed run logs into its folder, hiding what the stopped run logged from its step on
+        purge_step = checkpoint["global_step"] if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_step, self.last_return = 0, None
+
+    def restore(self, learner: dict) -> None:
+        """Load a checkpoint's learner (networks, optimizers, schedule) and random states."""
+        print(self.banner)
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():
+                x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.start_step = ckpt["global_step"]
+            total = self.args.total_timesteps
+            print(f"resumed {self.args.resume} at step {self.start_step} of {total}")
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+
+    def save(self, step: int, learner: dict) -> None:
+        """The learner before step `step` and the random states (the data is read again on resume);
+        written to a temporary file, then renamed: a kill mid-write leaves the last one whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda)
+        state = {k: x.state_dict() for k, x in learner.items()}
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, **state, **self.env_spec}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def stop_if_asked(self, step: int, learner: dict) -> None:
+        if self.signals or step == self.args.stop_at:  # checkpoint as before `step`, and exit
+            self.save(step, learner)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's losses and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, steps: int) -> bool:
+        return steps % self.args.eval_frequency == 0 or steps == self.args.total_timesteps
+
+    def evaluate(self, step: int, policy) -> None:
+        """Evaluate the policy's mean action; log the return and, for D4RL data, the score."""
+        args = self.args
+        returns = evaluate_policy(policy, self.env, args.eval_episodes, self.device,
+                                  args.seed + 10_000)
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.last_return = returns.mean()
+        line = f"step {step + 1}: eval return {returns.mean():.1f}"
+        if self.ref_scores is not None:
+            score = normalized_score(returns, *self.ref_scores)
+            self.writer.add_scalar("eval/normalized_score", score.mean(), step)
+            line += f", normalized score {score.mean():.1f}"
+        self.progress.print(f"{line}, SPS {self.sps(step + 1)}")
+
+    def step_done(self, steps: int, learner: dict) -> None:
+        every, end = self.args.checkpoint_frequency, steps == self.args.total_timesteps
+        if every and (steps % every == 0 or end):
+            self.save(steps, learner)
+        self.progress.update(steps, self.last_return)
+
+    def finish(self, weights: dict) -> None:
+        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+        self.progress.print()
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            torch.save({"script": SCRIPT, "args": vars(args), **weights, **self.env_spec}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        self.env.close()
+        self.writer.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -672,21 +739,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
@@ -718,29 +770,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, eval_env: dict):
-    """The learner before step `step` and the random states (the data is reread on resume); written
-    to a temporary file, then renamed, so that a kill mid-write leaves the previous one whole."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {k: x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
-    torch.save({**meta, **state, **eval_env}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict) -> int:
-    """Load the learner and the random states; the step to continue from."""
-    for key, x in learner.items():  # networks, optimizers and the learning-rate schedule
-        x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["global_step"]
 
 
 if __name__ == "__main__":

@@ -42,59 +42,45 @@ SCRIPT = os.path.basename(__file__)
 
 @dataclass
 class Args:
-    env_id: str = "Hopper-v5"
-    """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
+    env_id: str = "Hopper-v5"  # gymnasium env, bounded Box actions; or dm_control/<dom>-<task>-v0
     total_timesteps: int = 1000000  # total timesteps of the experiments
     buffer_size: int = int(1e6)  # the replay memory buffer size
     gamma: float = 0.99  # the discount factor gamma
     lam: Annotated[float, tyro.conf.arg(aliases=("--tau",))] = 0.005
     """Polyak rate lambda of the target value network (CleanRL's `tau`, also accepted)"""
     batch_size: int = 256  # the size of a batch sampled from the replay memory
-    learning_starts: int = 5000  # timestep to start learning; before it, actions are uniform random
+    learning_starts: int = 5000  # the step to start learning; uniform random actions before
     policy_lr: float = 3e-4  # the learning rate of the policy network optimizer
     q_lr: float = 1e-3  # the learning rate of the critic, value and temperature optimizers
-    hidden_size: int = 256
-    """width of the two hidden layers of every network (the paper, on DM Control: 1024)"""
-    ortho_init: bool = False
-    """orthogonal weights (gain 1) and zero biases in every layer, as the authors' online code"""
+    hidden_size: int = 256  # width of every network's two hidden layers (the paper on DMC: 1024)
+    ortho_init: bool = False  # orthogonal weights, zero biases, as the authors' online code
     policy_frequency: int = 2  # the frequency of the actor and temperature updates
-    policy_repeats: int | None = None
-    """actor and temperature updates at each of those steps; default: policy_frequency, as CleanRL
-    (the authors: 1)"""
+    policy_repeats: int | None = None  # updates at each: policy_frequency as CleanRL (authors: 1)
     target_network_frequency: int = 1  # the frequency of updates of the target value network
     alpha: float = 0.2
     """temperature alpha_sac, or its start if autotuned (CleanRL starts at 1, the authors at 0.1)"""
     autotune: bool = True  # automatic tuning of alpha_sac to the target entropy -dim(A)
-    value_loss: Literal["gumbel", "sac"] = "gumbel"
-    """`gumbel`: X-SAC, Gumbel regression on min Q; `sac`: SAC, MSE on min Q - alpha ln pi"""
+    value_loss: Literal["gumbel", "sac"] = "gumbel"  # X-SAC; `sac`: MSE on min Q - alpha ln pi
     beta: float | None = None
     """Gumbel temperature beta; by env: cheetah-run, walker-run 2, hopper-hop 1, quadruped-run 5,
     Gym MuJoCo 100, else 2"""
-    exp_clip: float = 8.0
-    """upper clip c of the residual z = (y - V)/beta in the Gumbel loss (the paper: 8)"""
+    exp_clip: float = 8.0  # upper clip c of the Gumbel loss's residual z = (y - V)/beta
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
     cuda: bool = True  # if toggled, cuda will be enabled when available
-    eval_frequency: int = 10000
-    """evaluate the policy's mean action every this many environment steps"""
+    eval_frequency: int = 10000  # evaluate the deterministic policy every this many steps
     eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
     log_frequency: int = 100  # log losses and SPS every this many steps
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    checkpoint_frequency: int = 0
-    """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
+    checkpoint_frequency: int = 0  # checkpoint every this many steps; 0: on SIGTERM, Ctrl-C only
     resume: str | None = None
     """continue the run of this checkpoint (or run folder), in a new episode; only
     --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -117,6 +103,7 @@ def make_env(env_id: str, seed: int, capture_video=False, video_folder=None, eve
     if env_id.startswith("dm_control/"):  # shimmy registers the dm_control/<domain>-<task>-v0 ids
         warnings.filterwarnings("ignore", module="glfw")  # no display: not needed to simulate
         import shimmy
+
         gym.register_envs(shimmy)
     try:
         env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
@@ -177,6 +164,10 @@ class Actor(nn.Module):
         log_prob = normal.log_prob(u).sum(-1) - log_det.sum(-1)
         action = torch.tanh(u) * self.action_scale + self.action_bias
         return action, log_prob, torch.tanh(mean) * self.action_scale + self.action_bias
+
+    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+        """The deterministic action, tanh of the mean (drawn with a sample, as get_action)."""
+        return self.get_action(obs)[2]
 
 
 class ReplayBuffer:
@@ -256,6 +247,13 @@ def temperature_loss(log_alpha, log_pi, target_entropy: float):
     return (-log_alpha.exp() * (log_pi.detach() + target_entropy)).mean()
 
 
+def polyak(target: nn.Module, online: nn.Module, lam: float) -> None:
+    """theta_bar <- (1 - lam) theta_bar + lam theta."""
+    with torch.no_grad():
+        for p_target, p in zip(target.parameters(), online.parameters()):
+            p_target.lerp_(p, lam)
+
+
 def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -> dict:
     """One gradient step on a sampled batch: both critics, then V on the critics just updated, then
     every `policy_frequency` steps the actor and temperature (that many times, as CleanRL), then the
@@ -309,37 +307,13 @@ def update(batch, learner: dict, args: Args, target_entropy: float, step: int) -
                 logs["alpha_loss"] = alpha_loss.detach()
 
     if step % args.target_network_frequency == 0:
-        with torch.no_grad():
-            for p_target, p in zip(learner["vf_target"].parameters(), vf.parameters()):
-                p_target.lerp_(p, args.lam)
+        polyak(learner["vf_target"], vf, args.lam)
     return {**logs, "alpha": alpha}
 
+
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}"
-    beta_source = "the run's" if checkpoint else beta_source
-    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
-    env = make_env(args.env_id, args.seed)
-    check_action_space(args.env_id, env.action_space)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
-    eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
+    args, run = start_run(args)  # --eval-model; resume, checks, envs, name, writer, seeds: appendix
+    env, device = run.env, run.device
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     actor = Actor(obs_dim, env.action_space.low, env.action_space.high, args.hidden_size).to(device)
     qf1 = Critic(obs_dim + act_dim, args.hidden_size).to(device)
@@ -350,7 +324,7 @@ def train(args: Args) -> None:
         for net in (actor, qf1, qf2, vf):
             net.apply(orthogonal_init)
     vf_target.load_state_dict(vf.state_dict())
-    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
+    # fused Adam: one kernel for all parameters
     q_optimizer = torch.optim.Adam([*qf1.parameters(), *qf2.parameters()], lr=args.q_lr, fused=True)
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.q_lr, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
@@ -362,22 +336,10 @@ def train(args: Args) -> None:
     learner = dict(actor=actor, qf1=qf1, qf2=qf2, vf=vf, vf_target=vf_target, log_alpha=log_alpha)
     learner.update(q_optimizer=q_optimizer, v_optimizer=v_optimizer, a_optimizer=a_optimizer, rb=rb)
     learner.update(actor_optimizer=actor_optimizer)
-    start_step = restore(checkpoint, learner) if checkpoint else 0
-    env, obs = resume_episode(checkpoint, env, args.seed + start_step)
-    value = f"beta {args.beta} ({beta_source})" if args.value_loss == "gumbel" else "SAC value loss"
-    print(f"{SCRIPT}: {args.env_id}, {value}, alpha {args.alpha}, {device}, runs/{run_name}")
-    if checkpoint:
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
+    env, obs = run.restore(learner)  # a checkpoint's learner, buffer and episode, or a new episode
     logs = dict(actor_loss=torch.tensor(float("nan")), alpha_loss=torch.tensor(float("nan")))
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.stop_if_asked(global_step, learner, obs)  # SIGTERM, Ctrl-C, --stop-at: checkpoint, exit
         if global_step < args.learning_starts:
             action = env.action_space.sample()
         else:
@@ -390,49 +352,18 @@ def train(args: Args) -> None:
         rb.add(obs, action, reward, next_obs, terminated)
         obs = next_obs
         if terminated or truncated:
-            last_return = info["episode"]["r"]
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            run.log_episode(info, global_step)
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
             batch = rb.sample(args.batch_size, device)
             logs.update(update(batch, learner, args, target_entropy, global_step))
-            if not torch.isfinite(logs["value_loss"] + logs["qf1_loss"] + logs["qf2_loss"]):
-                sys.exit(f"error: a loss is not finite at step {global_step}; try a larger --beta")
-            if global_step % args.log_frequency == 0:
-                bonus = logs["alpha"] * act_dim * (args.value_loss == "sac")  # SAC's |alpha H|
-                check_values(logs["qf1_a"], rb.rewards[: rb.size], args.gamma, bonus, global_step)
-                log_update(writer, logs, args, global_step, start_step, start_time)
+            log_update(run, logs, args, rb, global_step)  # every step: stops a diverging run
 
-        steps_done = global_step + 1
-        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
-            returns, q_estimate, discounted_return = evaluate_policy(
-                actor, eval_env, args.eval_episodes, device, eval_seed, [qf1, qf2], args.gamma
-            )
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            # over-estimation shows as the critics' value of visited states above what they returned
-            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
-            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = steps_done == args.total_timesteps
-        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
-        progress.update(steps_done, last_return)
-    progress.print()
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        nets = {name: learner[name].state_dict() for name in ("actor", "qf1", "qf2", "vf")}
-        torch.save({"script": SCRIPT, "args": vars(args), **nets}, model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    for resource in (env, eval_env, writer):
-        resource.close()
+        if run.evaluation_due(global_step + 1):  # the mean action; min Q against the returns
+            run.evaluate(global_step, actor, [qf1, qf2], args.gamma)
+        run.step_done(global_step + 1, learner, obs)  # periodic checkpoint, progress line
+    run.finish({name: learner[name].state_dict() for name in ("actor", "qf1", "qf2", "vf")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +403,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
 
 
 def check_action_space(env_id: str, space: gym.Space) -> None:
-    """The tanh-Gaussian policy needs a 1-D Box action space with finite bounds."""
+    """The policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
                  "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
@@ -480,21 +411,50 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
 
-def check_video_prerequisites(env_id: str) -> None:
-    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
-    try:
-        import moviepy  # noqa: F401
+def start_run(args: Args) -> tuple[Args, "Run"]:
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, beta by env, the env and a Run (name, writer...)."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}"
+    beta_source = "the run's" if checkpoint else beta_source
+    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run = Run(args, checkpoint, env)
+    value = f"beta {args.beta} ({beta_source})" if args.value_loss == "gumbel" else "SAC value loss"
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {args.env_id}, {value}, alpha {args.alpha}, {run.device}, runs/{run.name}"
+    )
+    return args, run
 
-        make_env(env_id, 0).close()  # registers dm_control ids
-        env = gym.make(env_id, render_mode="rgb_array")
-        env.reset(seed=0)
-        env.render()
-        env.close()
-    except ImportError as exc:
-        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
-    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+def log_update(run: "Run", logs: dict, args: Args, rb: ReplayBuffer, step: int) -> None:
+    """Stop a run whose losses are not finite; every --log-frequency steps, stop one whose values
+    run away, and log the last update's losses and estimates."""
+    if not torch.isfinite(logs["value_loss"] + logs["qf1_loss"] + logs["qf2_loss"]):
+        sys.exit(f"error: a loss is not finite at step {step}; try a larger --beta")
+    if step % args.log_frequency != 0:
+        return
+    bonus = logs["alpha"] * rb.actions.shape[1] * (args.value_loss == "sac")  # SAC's |alpha H|
+    check_values(logs["qf1_a"], rb.rewards[: rb.size], args.gamma, bonus, step)
+    # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
+    scalars = dict(qf1_values=logs["qf1_a"].mean(), qf2_values=logs["qf2_a"].mean(),
+                   v_values=logs["v"].mean(), v_target_values=logs["v_target"].mean(),
+                   qf1_loss=logs["qf1_loss"], qf2_loss=logs["qf2_loss"],
+                   qf_loss=(logs["qf1_loss"] + logs["qf2_loss"]) / 2.0,
+                   value_loss=logs["value_loss"],
+                   alpha=logs["alpha"], max_z=((logs["v_target"] - logs["v"]) / args.beta).max(),
+                   actor_loss=logs["actor_loss"])
+    if args.autotune:
+        scalars["alpha_loss"] = logs["alpha_loss"]
+    run.log(scalars, step)
 
 
 def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
@@ -506,32 +466,16 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta (X-SAC) or a smaller --q-lr")
 
 
-def log_update(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float):
-    """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
-    # max_z, the largest residual z of the batch, explodes when X-SAC goes unstable
-    scalars = dict(qf1_values=logs["qf1_a"].mean(), qf2_values=logs["qf2_a"].mean(),
-                   v_values=logs["v"].mean(), v_target_values=logs["v_target"].mean(),
-                   qf1_loss=logs["qf1_loss"], qf2_loss=logs["qf2_loss"],
-                   qf_loss=(logs["qf1_loss"] + logs["qf2_loss"]) / 2.0,
-                   value_loss=logs["value_loss"],
-                   alpha=logs["alpha"], max_z=((logs["v_target"] - logs["v"]) / args.beta).max(),
-                   actor_loss=logs["actor_loss"])
-    if args.autotune:
-        scalars["alpha_loss"] = logs["alpha_loss"]
-    for tag, value in scalars.items():
-        writer.add_scalar(f"losses/{tag}", value, step)
-    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
-
 @torch.no_grad()
 def evaluate_policy(actor, env, n_episodes: int, device, seed: int, critics=(), gamma=0.99):
-    """Deterministic evaluation (the mean action): the returns of `n_episodes` episodes, and over
-    every visited state the mean of min_i Q_i(s, a) against the mean discounted return obtained from
-    s (to the episode's end: short of the true value near a truncation); nan without `critics`."""
+    """Deterministic evaluation (the actor's mode): the returns of `n_episodes` episodes, and over
+    every visited state the mean of min_i Q_i(s, a) against the mean discounted return from s (to
+    the episode's end: short of the true value near a truncation); nan without `critics`."""
     returns, q_estimates, discounted, rewards = [], [], [], []
     obs, _ = env.reset(seed=seed)
     while len(returns) < n_episodes:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
-        _, _, action = actor.get_action(obs_t)
+        action = actor.mode(obs_t)
         if critics:
             q_estimates.append(torch.min(torch.stack([qf(obs_t, action) for qf in critics])).item())
         obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
@@ -561,6 +505,151 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
+    try:
+        import moviepy  # noqa: F401
+
+        make_env(env_id, 0).close()  # registers dm_control ids
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except ImportError as exc:
+        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
+    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+class Run:
+    """The run-keeping half of train(): the run's name, envs, stop signals, writer and seeds, then
+    its checkpoints, logs of episodes and evaluations, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, env: gym.Env):
+        name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.checkpoint, self.env = args, checkpoint, env
+        self.name = checkpoint["run_name"] if checkpoint else name
+        self.path, self.eval_seed = f"runs/{self.name}/checkpoint.pt", args.seed + 10_000
+        self.eval_env = make_env(args.env_id, self.eval_seed, args.capture_video,
+                                 f"videos/{self.name}", args.eval_episodes)
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=self.name, save_code=True)  # fmt: skip
+        # a resumed run logs into its folder, hiding what the stopped run logged from its step on
+        purge_step = checkpoint["global_step"] if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{self.name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_step, self.last_return = 0, None
+
+    def restore(self, learner: dict):
+        """Load a checkpoint's learner (networks, optimizers, buffer) and random states; the env and
+        observation to go on from: the checkpoint's episode where its env was saved whole (classic
+        control, DeepMind Control: the run goes on as if never stopped), else a new episode."""
+        print(self.banner)
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():
+                if torch.is_tensor(x):  # a learned scalar, as SAC's log alpha
+                    x.data.copy_(ckpt[key])
+                else:  # networks, optimizers, the buffer
+                    x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.start_step = ckpt["global_step"]
+            total = self.args.total_timesteps
+            print(f"resumed {self.args.resume} at step {self.start_step} of {total}")
+        if self.checkpoint and self.checkpoint.get("episode"):
+            self.env.close()
+            self.env, obs = pickle.loads(ckpt["episode"]["env"]), ckpt["episode"]["obs"]
+        else:
+            obs = self.env.reset(seed=self.args.seed + self.start_step)[0]
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+        return self.env, obs
+
+    def save(self, step: int, learner: dict, obs) -> None:
+        """The learner before step `step`, random states and the episode in progress where the env
+        pickles whole (MuJoCo's and Atari's pickle as their constructor's arguments only); written
+        to a temporary file, then renamed: a kill mid-write leaves the last checkpoint whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda)
+        state = {k: x.cpu() if torch.is_tensor(x) else x.state_dict() for k, x in learner.items()}
+        whole = not isinstance(self.env.unwrapped, gym.utils.EzPickle)
+        episode = dict(env=pickle.dumps(self.env), obs=obs) if whole else None
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, "episode": episode, **state}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def stop_if_asked(self, step: int, learner: dict, obs) -> None:
+        if self.signals or step == self.args.stop_at:  # checkpoint as before `step`, and exit
+            self.save(step, learner, obs)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+
+    def log_episode(self, info: dict, step: int) -> None:
+        self.last_return = info["episode"]["r"]
+        self.writer.add_scalar("charts/episodic_return", self.last_return, step)
+        self.writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), step)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's losses and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, steps: int) -> bool:
+        return steps % self.args.eval_frequency == 0 or steps == self.args.total_timesteps
+
+    def evaluate(self, step: int, policy, *critics) -> None:
+        """Evaluate the policy (see evaluate_policy), log the mean return, and the value estimate
+        of the visited states against the discounted return obtained: over-estimation shows."""
+        returns, q_estimate, discounted_return = evaluate_policy(
+            policy, self.eval_env, self.args.eval_episodes, self.device, self.eval_seed, *critics)
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.writer.add_scalar("eval/q_estimate", q_estimate, step)
+        self.writer.add_scalar("eval/discounted_return", discounted_return, step)
+        self.progress.print(f"step {step + 1}: eval return {returns.mean():.1f}, Q estimate "
+                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
+                            f"SPS {self.sps(step + 1)}")
+
+    def step_done(self, steps: int, learner: dict, obs) -> None:
+        every, end = self.args.checkpoint_frequency, steps == self.args.total_timesteps
+        if every and (steps % every == 0 or end):
+            self.save(steps, learner, obs)
+        self.progress.update(steps, self.last_return)
+
+    def finish(self, weights: dict) -> None:
+        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+        self.progress.print()
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        for resource in (self.env, self.eval_env, self.writer):
+            resource.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -583,21 +672,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
@@ -629,45 +703,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
-    """The learner before step `step`, its buffer, random states and episode; written to a temporary
-    file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {k: x.cpu() if torch.is_tensor(x) else x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
-    env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
-    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
-    torch.save({**meta, **state}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict) -> int:
-    """Load the learner, its replay buffer and random states; the step to continue from."""
-    for key, x in learner.items():  # networks, optimizers and the buffer; log alpha is a tensor
-        if torch.is_tensor(x):
-            x.data.copy_(checkpoint[key])
-        else:
-            x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["global_step"]
-
-
-def resume_episode(checkpoint: dict | None, env, seed: int):
-    """The env and observation to go on from: the checkpoint's episode in progress where its env was
-    saved whole (classic control, DeepMind Control), so a resumed run continues as if never stopped;
-    else a new episode (MuJoCo's and Atari's envs pickle as their constructor's arguments only)."""
-    if checkpoint and checkpoint.get("episode"):
-        env.close()
-        return pickle.loads(checkpoint["episode"]["env"]), checkpoint["episode"]["obs"]
-    return env, env.reset(seed=seed)[0]
 
 
 if __name__ == "__main__":

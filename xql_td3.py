@@ -42,58 +42,42 @@ SCRIPT = os.path.basename(__file__)
 
 @dataclass
 class Args:
-    env_id: str = "Hopper-v5"
-    """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
+    env_id: str = "Hopper-v5"  # gymnasium env, bounded Box actions; or dm_control/<dom>-<task>-v0
     total_timesteps: int = 1000000  # total timesteps of the experiments
-    learning_rate: float = 3e-4
-    """the learning rate of the actor and critic optimizers (the paper: 1e-3)"""
+    learning_rate: float = 3e-4  # the learning rate of the actor and critics (the paper: 1e-3)
     buffer_size: int = int(1e6)  # the replay memory buffer size
     gamma: float = 0.99  # the discount factor gamma
     lam: Annotated[float, tyro.conf.arg(aliases=("--tau",))] = 0.005
     """Polyak rate lambda of the target networks (CleanRL's `tau`, also accepted)"""
     batch_size: int = 256  # the size of a batch sampled from the replay memory
     hidden_size: int = 256  # width of the two hidden layers of every network
-    policy_noise: float = 0.2
-    """the scale of the target policy smoothing noise (in units of the action half-range)"""
-    exploration_noise: float | None = None
-    """the scale of the exploration noise; default 0.1, 0.05 on hopper-hop as the authors' runs"""
-    learning_starts: int = 25000
-    """timestep to start learning; before it, actions are uniform random"""
+    policy_noise: float = 0.2  # scale of the target smoothing noise, in action half-ranges
+    exploration_noise: float | None = None  # default 0.1; 0.05 on hopper-hop, as the authors
+    learning_starts: int = 25000  # the step to start learning; uniform random actions before
     policy_frequency: int = 2  # the frequency of the (delayed) actor and target network updates
-    noise_clip: float = 0.5
-    """noise clip of the target policy smoothing (in units of the action half-range)"""
-    critic_loss: Literal["gumbel", "mse"] = "gumbel"
-    """`gumbel`: X-TD3 (Gumbel regression of the critics); `mse`: TD3"""
-    double_q: bool = True
-    """the min of two critics in the target; `--no-double-q`: the paper's X-TD3 - DQ, one critic"""
+    noise_clip: float = 0.5  # clip of the target smoothing noise, in action half-ranges
+    critic_loss: Literal["gumbel", "mse"] = "gumbel"  # X-TD3; `mse`: TD3
+    double_q: bool = True  # min of two critics; --no-double-q: the paper's X-TD3 - DQ, one critic
     beta: float | None = None
     """Gumbel temperature beta; by env: cheetah-run 5, walker-run 2, hopper-hop 2, quadruped-run 5,
     Gym MuJoCo 10, else 3"""
-    exp_clip: float = 8.0
-    """upper clip c of the residual z = (y - Q)/beta in the Gumbel loss (the paper: 8)"""
+    exp_clip: float = 8.0  # upper clip c of the Gumbel loss's residual z = (y - Q)/beta
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
     cuda: bool = True  # if toggled, cuda will be enabled when available
-    eval_frequency: int = 10000
-    """evaluate the policy, without exploration noise, every this many environment steps"""
+    eval_frequency: int = 10000  # evaluate the deterministic policy every this many steps
     eval_episodes: int = 10  # the number of episodes of each deterministic evaluation
     log_frequency: int = 100  # log losses and SPS every this many steps
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    checkpoint_frequency: int = 0
-    """checkpoint learner and replay buffer every this many steps; 0: only on SIGTERM or Ctrl-C"""
+    save_model: bool = False  # save the model into runs/{run_name}, then reload and evaluate it
+    checkpoint_frequency: int = 0  # checkpoint every this many steps; 0: on SIGTERM, Ctrl-C only
     resume: str | None = None
     """continue the run of this checkpoint (or run folder), in a new episode; only
     --total-timesteps, --checkpoint-frequency, --stop-at, --cuda and --track may change"""
-    stop_at: int | None = None
-    """checkpoint and exit at this step: one chunk of a longer run, continued with --resume"""
-    eval_model: str | None = None
-    """evaluate this saved model or checkpoint for --eval-episodes episodes, and exit"""
-    capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (into `videos/`; needs moviepy)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb)"""
+    stop_at: int | None = None  # checkpoint and exit at this step (a chunk of a longer run)
+    eval_model: str | None = None  # evaluate this saved model or checkpoint, and exit
+    capture_video: bool = False  # videos of the evaluation episodes into videos/ (needs moviepy)
+    track: bool = False  # track the run with Weights and Biases (needs wandb)
     wandb_project_name: str = "entropy-rl"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
 
@@ -140,15 +124,15 @@ def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(hidden, out_dim))
 
 
-class QNetwork(nn.Module):
-    """Q(s, a): the action concatenated to the observation."""
+class Critic(nn.Module):
+    """A scalar of the concatenated inputs: V(s), or Q(s, a), the action after the observation."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.net = mlp(obs_dim + act_dim, 1, hidden)
+        self.net = mlp(in_dim, 1, hidden)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, -1)).squeeze(-1)
 
 
 class Actor(nn.Module):
@@ -164,25 +148,23 @@ class Actor(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs)) * self.action_scale + self.action_bias
 
+    mode = forward  # the deterministic action, as evaluate_policy asks of every actor
+
 
 class ReplayBuffer:
     """Preallocated FIFO storage of (s, a, r, s', terminated) as CPU tensors."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int):
         self.capacity, self.size, self.pos = capacity, 0, 0
-        self.obs = torch.zeros(capacity, obs_dim)
-        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.obs, self.next_obs = torch.zeros(capacity, obs_dim), torch.zeros(capacity, obs_dim)
         self.actions = torch.zeros(capacity, act_dim)
         self.rewards = torch.zeros(capacity)
         self.dones = torch.zeros(capacity)  # 1 only for terminations, never for truncations
 
     def add(self, obs, action, reward, next_obs, terminated) -> None:
-        i = self.pos
-        self.obs[i] = torch.as_tensor(obs)
-        self.next_obs[i] = torch.as_tensor(next_obs)
-        self.actions[i] = torch.as_tensor(action)
-        self.rewards[i] = float(reward)
-        self.dones[i] = float(terminated)
+        self.obs[self.pos], self.actions[self.pos] = torch.as_tensor(obs), torch.as_tensor(action)
+        self.next_obs[self.pos] = torch.as_tensor(next_obs)
+        self.rewards[self.pos], self.dones[self.pos] = float(reward), float(terminated)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -201,10 +183,9 @@ class ReplayBuffer:
 def gumbel_loss(pred: torch.Tensor, target: torch.Tensor, beta: float, clip: float | None):
     """Gumbel regression (Eq. 7/11) of `pred` on `target`, in the stable form of App. D.3.
 
-    With z = (target - pred)/beta the loss is mean(exp(z) - z - 1), minimised over a constant pred
-    at beta ln mean exp(target/beta) (Lemma 3.2). With m = max(max_batch z, -1), detached, it is
-    computed as exp(z - m) - z exp(-m) - exp(-m) = exp(-m) (exp(z) - z - 1): one positive constant
-    per batch, so the gradient keeps its sign and zeros (the same minimiser) while every term stays
+    With z = (target - pred)/beta: mean(exp(z) - z - 1), minimised by a constant pred at
+    beta ln mean exp(target/beta) (Lemma 3.2). Computed as exp(-m) (exp(z) - z - 1) with
+    m = max(max z, -1) detached: one positive factor per batch (the same minimiser), every term
     bounded. z is first clipped from above at `clip` (clipped samples get no gradient)."""
     z = (target - pred) / beta
     if clip is not None:
@@ -273,127 +254,58 @@ def update(batch, learner: dict, args: Args, bounds, step: int) -> dict:
         logs["actor_loss"] = actor_loss.detach()
     return logs
 
+
 def train(args: Args) -> None:
-    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
-        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
-        return print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
-    args = resume_args(args, checkpoint) if checkpoint else args
-    check_args(args, checkpoint)
-    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}"
-    beta_source = "the run's" if checkpoint else beta_source
-    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
-    if args.exploration_noise is None:
-        args.exploration_noise = default_exploration_noise(args.env_id)
-    env = make_env(args.env_id, args.seed)
-    check_action_space(args.env_id, env.action_space)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    eval_seed, videos = args.seed + 10_000, f"videos/{run_name}"
-    eval_env = make_env(args.env_id, eval_seed, args.capture_video, videos, args.eval_episodes)
-    stop_signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda sig, frame: stop_signals.append(sig))
-    writer = make_writer(args, run_name, checkpoint["global_step"] if checkpoint else None)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
+    args, run = start_run(args)  # --eval-model; resume, checks, envs, name, writer, seeds: appendix
+    env, device = run.env, run.device
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     actor = Actor(obs_dim, low, high, args.hidden_size).to(device)
     actor_target = Actor(obs_dim, low, high, args.hidden_size).to(device)
     actor_target.load_state_dict(actor.state_dict())
     n_critics = 2 if args.double_q else 1
-    critics = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in range(n_critics)]
-    critics_target = [QNetwork(obs_dim, act_dim, args.hidden_size).to(device) for _ in critics]
+    critics = [Critic(obs_dim + act_dim, args.hidden_size).to(device) for _ in range(n_critics)]
+    critics_target = [Critic(obs_dim + act_dim, args.hidden_size).to(device) for _ in critics]
     for qf, qf_target in zip(critics, critics_target):
         qf_target.load_state_dict(qf.state_dict())
-    # fused Adam: one kernel for all parameters (about 3x faster than the default on a CPU)
+    # fused Adam: one kernel for all parameters
     q_params = [p for qf in critics for p in qf.parameters()]
     q_optimizer = torch.optim.Adam(q_params, lr=args.learning_rate, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
-    action_scale = actor.action_scale
     bounds = tuple(torch.tensor(b, dtype=torch.float32).to(device) for b in (low, high))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
     learner = dict(actor=actor, actor_target=actor_target, q_optimizer=q_optimizer, rb=rb)
     learner.update({f"qf{i}": qf for i, qf in enumerate(critics, 1)})
     learner.update(actor_optimizer=actor_optimizer)
     learner.update({f"qf{i}_target": qf for i, qf in enumerate(critics_target, 1)})
-    start_step = restore(checkpoint, learner) if checkpoint else 0
-    env, obs = resume_episode(checkpoint, env, args.seed + start_step)
-    loss_name = "TD3's loss" if args.critic_loss == "mse" else f"beta {args.beta} ({beta_source})"
-    print(f"{SCRIPT}: {args.env_id}, {loss_name}, {n_critics} critic(s), {device}, runs/{run_name}")
-    if checkpoint:
-        print(f"resumed {args.resume} at step {start_step} of {args.total_timesteps}")
-    checkpoint_path = f"runs/{run_name}/checkpoint.pt"
-    start_time = time.time()
-    progress, last_return = Progress(args.total_timesteps, start_step), None
+    env, obs = run.restore(learner)  # a checkpoint's learner, buffer and episode, or a new episode
     logs = dict(actor_loss=torch.tensor(float("nan")))  # logged before the first actor update
-    for global_step in range(start_step, args.total_timesteps):
-        if stop_signals or global_step == args.stop_at:
-            save_checkpoint(checkpoint_path, global_step, args, run_name, learner, (env, obs))
-            why = f"signal {stop_signals[0]}" if stop_signals else "--stop-at"
-            progress.print(f"stopped by {why} at step {global_step}; --resume {checkpoint_path}")
-            sys.exit(128 + stop_signals[0] if stop_signals else 0)
+    for global_step in range(run.start_step, args.total_timesteps):
+        run.stop_if_asked(global_step, learner, obs)  # SIGTERM, Ctrl-C, --stop-at: checkpoint, exit
         if global_step < args.learning_starts:
             action = env.action_space.sample()
         else:
             with torch.no_grad():
                 action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
-                action = action + torch.randn_like(action) * action_scale * args.exploration_noise
-            action = action.clamp(*bounds).cpu().numpy()
+                noise = torch.randn_like(action) * actor.action_scale * args.exploration_noise
+            action = (action + noise).clamp(*bounds).cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
         # next_obs is the true last observation also at a truncation: the target bootstraps from it
         rb.add(obs, action, reward, next_obs, terminated)
         obs = next_obs
         if terminated or truncated:
-            last_return = info["episode"]["r"]
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+            run.log_episode(info, global_step)
             obs, _ = env.reset()
 
         if global_step >= args.learning_starts:
-            logs.update(update(rb.sample(args.batch_size, device), learner, args, bounds,
-                               global_step))
-            if not torch.isfinite(logs["q_loss"]):
-                sys.exit(f"error: the critic loss is not finite at step {global_step}: raise beta")
-            if global_step % args.log_frequency == 0:
-                check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0,
-                             global_step)
-                log_update(writer, logs, args, global_step, start_step, start_time)
+            batch = rb.sample(args.batch_size, device)
+            logs.update(update(batch, learner, args, bounds, global_step))
+            log_update(run, logs, args, rb, global_step)  # every step: stops a diverging run
 
-        steps_done = global_step + 1
-        if steps_done % args.eval_frequency == 0 or steps_done == args.total_timesteps:
-            returns, q_estimate, discounted_return = evaluate_policy(
-                actor, eval_env, args.eval_episodes, device, eval_seed, critics, args.gamma
-            )
-            writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-            # over-estimation shows as the critics' value of visited states above what they returned
-            writer.add_scalar("eval/q_estimate", q_estimate, global_step)
-            writer.add_scalar("eval/discounted_return", discounted_return, global_step)
-            sps = int((steps_done - start_step) / (time.time() - start_time))
-            progress.print(f"step {steps_done}: eval return {returns.mean():.1f}, Q estimate "
-                f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, SPS {sps}")
-        end = steps_done == args.total_timesteps
-        if args.checkpoint_frequency and (steps_done % args.checkpoint_frequency == 0 or end):
-            save_checkpoint(checkpoint_path, steps_done, args, run_name, learner, (env, obs))
-        progress.update(steps_done, last_return)
-    progress.print()
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        weights = {"actor": actor.state_dict(), "critics": [qf.state_dict() for qf in critics]}
-        torch.save({"script": SCRIPT, "args": vars(args), **weights}, model_path)
-        returns = evaluate(model_path, args.eval_episodes, args.seed + 20_000, str(device))
-        for idx, episodic_return in enumerate(returns):
-            writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
-        print(f"model saved to {model_path}; reloaded: eval return {returns.mean():.1f}")
-    env.close()
-    eval_env.close()
-    writer.close()
+        if run.evaluation_due(global_step + 1):  # no exploration noise; min Q against the returns
+            run.evaluate(global_step, actor, critics, args.gamma)
+        run.step_done(global_step + 1, learner, obs)  # periodic checkpoint, progress line
+    run.finish({"actor": actor.state_dict(), "critics": [qf.state_dict() for qf in critics]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +343,7 @@ def check_args(args: Args, checkpoint: dict | None = None) -> None:
 
 
 def check_action_space(env_id: str, space: gym.Space) -> None:
-    """The deterministic tanh policy needs a 1-D Box action space with finite bounds."""
+    """The policy needs a 1-D Box action space with finite bounds."""
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         sys.exit(f"error: {env_id} has action space {space}; this script needs a continuous Box "
                  "(discrete actions: Atari only, soft_dqn_atari.py or soft_a2c_atari.py)")
@@ -439,21 +351,50 @@ def check_action_space(env_id: str, space: gym.Space) -> None:
         sys.exit(f"error: {env_id} has unbounded actions; wrap it in gymnasium.wrappers.ClipAction")
 
 
-def check_video_prerequisites(env_id: str) -> None:
-    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
-    try:
-        import moviepy  # noqa: F401
+def start_run(args: Args) -> tuple[Args, "Run"]:
+    """The run's set-up before any network: --eval-model evaluates and exits here; else the flags
+    of a checkpoint with --resume, the checks, beta and noise by env, the env and a Run."""
+    if args.eval_model:  # evaluate a saved model or checkpoint, and exit
+        r = evaluate(args.eval_model, args.eval_episodes, args.seed, "cpu", args.capture_video)
+        print(f"{args.eval_model}: eval return {r.mean():.1f} +- {r.std():.1f}")
+        sys.exit(0)
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    args = resume_args(args, checkpoint) if checkpoint else args
+    check_args(args, checkpoint)
+    beta_source = "--beta" if args.beta is not None else f"the default for {args.env_id}"
+    beta_source = "the run's" if checkpoint else beta_source
+    args.beta = args.beta if args.beta is not None else default_beta(args.env_id)
+    if args.exploration_noise is None:
+        args.exploration_noise = default_exploration_noise(args.env_id)
+    env = make_env(args.env_id, args.seed)
+    check_action_space(args.env_id, env.action_space)
+    run = Run(args, checkpoint, env)
+    loss_name = "TD3's loss" if args.critic_loss == "mse" else f"beta {args.beta} ({beta_source})"
+    critics = f"{2 if args.double_q else 1} critic(s)"
+    # printed by Run.restore, just before the loop
+    run.banner = (
+        f"{SCRIPT}: {args.env_id}, {loss_name}, {critics}, {run.device}, runs/{run.name}"
+    )
+    return args, run
 
-        make_env(env_id, 0).close()  # registers dm_control ids
-        env = gym.make(env_id, render_mode="rgb_array")
-        env.reset(seed=0)
-        env.render()
-        env.close()
-    except ImportError as exc:
-        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
-    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+def log_update(run: "Run", logs: dict, args: Args, rb: ReplayBuffer, step: int) -> None:
+    """Stop a run whose losses are not finite; every --log-frequency steps, stop one whose values
+    run away, and log the last update's losses and estimates."""
+    if not torch.isfinite(logs["q_loss"]):
+        sys.exit(f"error: the critic loss is not finite at step {step}: raise beta")
+    if step % args.log_frequency != 0:
+        return
+    check_values(logs["q_values"][0], rb.rewards[: rb.size], args.gamma, 0.0, step)
+    scalars = {}
+    for i, (q, loss) in enumerate(zip(logs["q_values"], logs["q_losses"]), start=1):
+        scalars.update({f"qf{i}_values": q.mean().item(), f"qf{i}_loss": loss.item()})
+    scalars["qf_loss"] = logs["q_loss"].item() / len(logs["q_values"])
+    scalars["target_values"] = logs["y"].mean().item()
+    # the largest residual z of the batch: it explodes when X-TD3 goes unstable
+    scalars["max_z"] = ((logs["y"] - logs["q_values"][0]) / args.beta).max().item()
+    scalars["actor_loss"] = logs["actor_loss"].item()
+    run.log(scalars, step)
 
 
 def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None:
@@ -465,29 +406,16 @@ def check_values(values, rewards, gamma: float, bonus: float, step: int) -> None
                  f"{bound:.4g}); try a larger --beta (X-TD3) or a smaller --learning-rate")
 
 
-def log_update(writer, logs: dict, args: Args, step: int, start_step: int, start_time: float):
-    """The losses and estimates of the last update, and the steps per second, to TensorBoard."""
-    for i, (q, loss) in enumerate(zip(logs["q_values"], logs["q_losses"]), start=1):
-        writer.add_scalar(f"losses/qf{i}_values", q.mean().item(), step)
-        writer.add_scalar(f"losses/qf{i}_loss", loss.item(), step)
-    writer.add_scalar("losses/qf_loss", logs["q_loss"].item() / len(logs["q_values"]), step)
-    writer.add_scalar("losses/target_values", logs["y"].mean().item(), step)
-    # the largest residual z of the batch: it explodes when X-TD3 goes unstable
-    max_z = ((logs["y"] - logs["q_values"][0]) / args.beta).max().item()
-    writer.add_scalar("losses/max_z", max_z, step)
-    writer.add_scalar("losses/actor_loss", logs["actor_loss"].item(), step)
-    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
-
 @torch.no_grad()
 def evaluate_policy(actor, env, n_episodes: int, device, seed: int, critics=(), gamma=0.99):
-    """Deterministic evaluation (no exploration noise): the returns of `n_episodes` episodes, and
-    over every visited state the mean of min_i Q_i(s, a) against the mean discounted return from
-    s (to the episode's end: short of the true value near a truncation); nan without `critics`."""
+    """Deterministic evaluation (the actor's mode): the returns of `n_episodes` episodes, and over
+    every visited state the mean of min_i Q_i(s, a) against the mean discounted return from s (to
+    the episode's end: short of the true value near a truncation); nan without `critics`."""
     returns, q_estimates, discounted, rewards = [], [], [], []
     obs, _ = env.reset(seed=seed)
     while len(returns) < n_episodes:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
-        action = actor(obs_t)
+        action = actor.mode(obs_t)
         if critics:
             q_estimates.append(torch.min(torch.stack([qf(obs_t, action) for qf in critics])).item())
         obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
@@ -517,6 +445,151 @@ def evaluate(path: str, eval_episodes=10, seed=0, device="cpu", capture_video=Fa
     return evaluate_policy(actor.to(device), env, eval_episodes, torch.device(device), seed)[0]
 
 
+def check_video_prerequisites(env_id: str) -> None:
+    """--capture-video needs moviepy and a renderer (MUJOCO_GL=egl or osmesa without a display)."""
+    try:
+        import moviepy  # noqa: F401
+
+        make_env(env_id, 0).close()  # registers dm_control ids
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except ImportError as exc:
+        sys.exit(f"error: --capture-video needs {exc.name}: pip install {exc.name}")
+    except Exception as exc:  # pygame missing, or no OpenGL context (mujoco.FatalError)
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.exit(f"error: --capture-video could not render {env_id} ({msg}); try MUJOCO_GL=egl")
+
+
+class Run:
+    """The run-keeping half of train(): the run's name, envs, stop signals, writer and seeds, then
+    its checkpoints, logs of episodes and evaluations, the progress line and the saved model."""
+
+    def __init__(self, args: Args, checkpoint: dict | None, env: gym.Env):
+        name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.checkpoint, self.env = args, checkpoint, env
+        self.name = checkpoint["run_name"] if checkpoint else name
+        self.path, self.eval_seed = f"runs/{self.name}/checkpoint.pt", args.seed + 10_000
+        self.eval_env = make_env(args.env_id, self.eval_seed, args.capture_video,
+                                 f"videos/{self.name}", args.eval_episodes)
+        self.signals = []  # SIGTERM (a job's time limit) or Ctrl-C: checkpoint, then exit
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda sig, frame: self.signals.append(sig))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       sync_tensorboard=True, name=self.name, save_code=True)  # fmt: skip
+        # a resumed run logs into its folder, hiding what the stopped run logged from its step on
+        purge_step = checkpoint["global_step"] if checkpoint else None
+        self.writer = SummaryWriter(f"runs/{self.name}", purge_step=purge_step)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_step, self.last_return = 0, None
+
+    def restore(self, learner: dict):
+        """Load a checkpoint's learner (networks, optimizers, buffer) and random states; the env and
+        observation to go on from: the checkpoint's episode where its env was saved whole (classic
+        control, DeepMind Control: the run goes on as if never stopped), else a new episode."""
+        print(self.banner)
+        if ckpt := self.checkpoint:
+            for key, x in learner.items():
+                if torch.is_tensor(x):  # a learned scalar, as SAC's log alpha
+                    x.data.copy_(ckpt[key])
+                else:  # networks, optimizers, the buffer
+                    x.load_state_dict(ckpt[key])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.start_step = ckpt["global_step"]
+            total = self.args.total_timesteps
+            print(f"resumed {self.args.resume} at step {self.start_step} of {total}")
+        if self.checkpoint and self.checkpoint.get("episode"):
+            self.env.close()
+            self.env, obs = pickle.loads(ckpt["episode"]["env"]), ckpt["episode"]["obs"]
+        else:
+            obs = self.env.reset(seed=self.args.seed + self.start_step)[0]
+        self.progress = Progress(self.args.total_timesteps, self.start_step)
+        self.start_time = time.time()
+        return self.env, obs
+
+    def save(self, step: int, learner: dict, obs) -> None:
+        """The learner before step `step`, random states and the episode in progress where the env
+        pickles whole (MuJoCo's and Atari's pickle as their constructor's arguments only); written
+        to a temporary file, then renamed: a kill mid-write leaves the last checkpoint whole."""
+        rng = dict(python=random.getstate(), numpy=np.random.get_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        rng.update(torch=torch.get_rng_state(), cuda=cuda)
+        state = {k: x.cpu() if torch.is_tensor(x) else x.state_dict() for k, x in learner.items()}
+        whole = not isinstance(self.env.unwrapped, gym.utils.EzPickle)
+        episode = dict(env=pickle.dumps(self.env), obs=obs) if whole else None
+        meta = dict(script=SCRIPT, args=vars(self.args), run_name=self.name, global_step=step)
+        torch.save({**meta, "rng": rng, "episode": episode, **state}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def stop_if_asked(self, step: int, learner: dict, obs) -> None:
+        if self.signals or step == self.args.stop_at:  # checkpoint as before `step`, and exit
+            self.save(step, learner, obs)
+            why = f"signal {self.signals[0]}" if self.signals else "--stop-at"
+            self.progress.print(f"stopped by {why} at step {step}; --resume {self.path}")
+            sys.exit(128 + self.signals[0] if self.signals else 0)
+
+    def log_episode(self, info: dict, step: int) -> None:
+        self.last_return = info["episode"]["r"]
+        self.writer.add_scalar("charts/episodic_return", self.last_return, step)
+        self.writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), step)
+
+    def log(self, scalars: dict, step: int) -> None:  # an update's losses and estimates, and SPS
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"losses/{tag}", value, step)
+        self.writer.add_scalar("charts/SPS", self.sps(step), step)
+
+    def sps(self, steps: int) -> int:
+        return int((steps - self.start_step) / (time.time() - self.start_time))
+
+    def evaluation_due(self, steps: int) -> bool:
+        return steps % self.args.eval_frequency == 0 or steps == self.args.total_timesteps
+
+    def evaluate(self, step: int, policy, *critics) -> None:
+        """Evaluate the policy (see evaluate_policy), log the mean return, and the value estimate
+        of the visited states against the discounted return obtained: over-estimation shows."""
+        returns, q_estimate, discounted_return = evaluate_policy(
+            policy, self.eval_env, self.args.eval_episodes, self.device, self.eval_seed, *critics)
+        self.writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        self.writer.add_scalar("eval/q_estimate", q_estimate, step)
+        self.writer.add_scalar("eval/discounted_return", discounted_return, step)
+        self.progress.print(f"step {step + 1}: eval return {returns.mean():.1f}, Q estimate "
+                            f"{q_estimate:.1f} vs discounted return {discounted_return:.1f}, "
+                            f"SPS {self.sps(step + 1)}")
+
+    def step_done(self, steps: int, learner: dict, obs) -> None:
+        every, end = self.args.checkpoint_frequency, steps == self.args.total_timesteps
+        if every and (steps % every == 0 or end):
+            self.save(steps, learner, obs)
+        self.progress.update(steps, self.last_return)
+
+    def finish(self, weights: dict) -> None:
+        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+        self.progress.print()
+        if (args := self.args).save_model:
+            path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
+            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
+            for idx, episodic_return in enumerate(returns):
+                self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
+            print(f"model saved to {path}; reloaded: eval return {returns.mean():.1f}")
+        for resource in (self.env, self.eval_env, self.writer):
+            resource.close()
+
+
 class Progress:
     """Steps done of the total, steps per second, time left and the last return on one line: redrawn
     4 times a second on a terminal, a line every 30 s in a file or pipe; `print` writes above it."""
@@ -539,21 +612,6 @@ class Progress:
         if message is not None or self.tty:  # none: end the progress line on a terminal
             text = f"\r\033[K{message}" if self.tty and message else message or ""
             print(text, end=end, flush=True)
-
-
-def make_writer(args: Args, run_name: str, purge_step: int | None):
-    """TensorBoard under runs/{run_name}, and wandb with --track. A resumed run (purge_step given)
-    logs into its own folder and hides what the stopped run logged from purge_step on."""
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
-    if purge_step is None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
 
 
 RESUME_FLAGS = ("total_timesteps", "checkpoint_frequency", "stop_at", "cuda", "track")
@@ -585,42 +643,6 @@ def resume_args(args: Args, checkpoint: dict) -> Args:
     # --resume and --stop-at come from this command line only: a chunk's stop is not the next one's
     merged.update({k: getattr(args, k) for k in ("resume", "stop_at", *given)})
     return Args(**merged)
-
-
-def save_checkpoint(path: str, step: int, args: Args, run_name: str, learner: dict, episode):
-    """The learner before step `step`, its buffer, random states and episode; written to a temporary
-    file, then renamed, so that a kill mid-write leaves the previous checkpoint whole."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {k: x.state_dict() for k, x in learner.items()}
-    meta = dict(script=SCRIPT, args=vars(args), run_name=run_name, global_step=step, rng=rng)
-    env, obs = episode  # the episode in progress, where the env pickles whole (see resume_episode)
-    whole = not isinstance(env.unwrapped, gym.utils.EzPickle)
-    meta["episode"] = dict(env=pickle.dumps(env), obs=obs) if whole else None
-    torch.save({**meta, **state}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def restore(checkpoint: dict, learner: dict) -> int:
-    """Load the learner, its replay buffer and random states; the step to continue from."""
-    for key, x in learner.items():  # networks, optimizers and the buffer
-        x.load_state_dict(checkpoint[key])
-    random.setstate(checkpoint["rng"]["python"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["global_step"]
-
-
-def resume_episode(checkpoint: dict | None, env, seed: int):
-    """The env and observation to go on from: the checkpoint's episode in progress where its env was
-    saved whole (classic control, DeepMind Control), so a resumed run continues as if never stopped;
-    else a new episode (MuJoCo's and Atari's envs pickle as their constructor's arguments only)."""
-    if checkpoint and checkpoint.get("episode"):
-        env.close()
-        return pickle.loads(checkpoint["episode"]["env"]), checkpoint["episode"]["obs"]
-    return env, env.reset(seed=seed)[0]
 
 
 if __name__ == "__main__":

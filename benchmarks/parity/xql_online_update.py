@@ -242,7 +242,7 @@ def one_td3_update(case: str, gumbel_td3, policy_class, q_bias: float = 0.0, see
     low, high = -np.ones(ACT_DIM, dtype=np.float32), np.ones(ACT_DIM, dtype=np.float32)
     ours = dict(actor=xql_td3.Actor(OBS_DIM, low, high, HIDDEN), actor_target=xql_td3.Actor(OBS_DIM, low, high, HIDDEN))
     for key in ("qf1", "qf2", "qf1_target", "qf2_target"):
-        ours[key] = xql_td3.QNetwork(OBS_DIM, ACT_DIM, HIDDEN)
+        ours[key] = xql_td3.Critic(OBS_DIM + ACT_DIM, HIDDEN)
     with torch.no_grad():
         for src, dst in [(theirs.network, ""), (theirs.target_network, "_target")]:
             for a, b in zip(linear_layers(src.actor.mlp.net), linear_layers(ours["actor" + dst].net)):
