@@ -41,24 +41,18 @@ SCRIPT = os.path.basename(__file__)
 
 @dataclass
 class Args:
-    env_id: str = "Hopper-v5"
-    """a gymnasium env with a bounded Box action space, or dm_control/<domain>-<task>-v0"""
+    env_id: str = "Hopper-v5"  # gymnasium env, bounded Box actions; or dm_control/<dom>-<task>-v0
     total_timesteps: int = 1000000  # total timesteps of the experiment
     buffer_size: int = int(1e6)  # the replay memory buffer size
     gamma: float = 0.99  # the discount factor gamma
     lam: float = 0.005  # Polyak rate lambda of the target network(s) (CleanRL's `tau`)
     batch_size: int = 256  # the size of a batch sampled from the replay memory
-    learning_starts: int = 5000
-    """timestep to start learning; before it, actions are uniform random bins"""
-    learning_rate: float = 3e-4
-    """the learning rate of the Adam optimizer (one optimizer, one loss, both networks)"""
-    tau: float = 0.01
-    """the temperature tau of the implicit Q-value tau ln pi + V (the paper: 0.01 on MuJoCo)"""
+    learning_starts: int = 5000  # the step to start learning; uniform random bins before
+    learning_rate: float = 3e-4  # Adam's learning rate (one optimizer, one loss, both networks)
+    tau: float = 0.01  # temperature tau of the implicit Q tau ln pi + V (the paper: 0.01, MuJoCo)
     n_bins: int = 11  # number of bins per action dimension of the multicategorical policy
-    policy: Literal["multicategorical", "gaussian"] = "multicategorical"
-    """the policy class; `gaussian` is the paper's Gaussian-policy ablation"""
-    residual: bool = False
-    """the residual ablation: online, differentiated V(s') in the target (PCL)"""
+    policy: Literal["multicategorical", "gaussian"] = "multicategorical"  # or the Gaussian ablation
+    residual: bool = False  # the ablation: online, differentiated V(s') in the target (PCL)
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment

@@ -51,23 +51,19 @@ class Args:
     tau: float = 0.01  # the regularisation temperature tau (the role of CleanRL's --ent-coef)
     objective: Literal["naive", "proper"] = "proper"
     """`naive` (Eq. 79: a penalty at s_t only) or `proper` (Eq. 80: penalties inside the return)"""
-    regularizer: Literal["kl", "entropy"] = "kl"
-    """`kl` (KL to the uniform policy) or `entropy` (entropy bonus)"""
-    update: Literal["pg", "soft-q"] = "pg"
-    """`pg` (A2C) or `soft-q` (Section 6.3's soft Q-learning with Q = V + tau ln pi)"""
+    regularizer: Literal["kl", "entropy"] = "kl"  # KL to the uniform policy, or entropy bonus
+    update: Literal["pg", "soft-q"] = "pg"  # A2C, or Sec. 6.3's soft Q with Q = V + tau ln pi
     vf_coef: float = 0.5  # value coefficient c of A2C
     adv_grad_scale: float | None = None
     """soft-q: scale of the gradient into the advantage stream tau ln pi (default 1/tau)"""
-    value_grad_scale: float = 0.5
-    """soft-q: scale of the gradient into the value stream (c, to match A2C)"""
+    value_grad_scale: float = 0.5  # soft-q: the value stream's gradient scale (c, as A2C)
     max_grad_norm: float = 0.5  # the maximum norm for the gradient clipping
     rms_alpha: float = 0.99  # RMSprop decay
     rms_eps: float = 1e-5  # RMSprop epsilon
     sticky_actions: bool = False  # repeat the previous action with probability 0.25 (ALE v5)
     episodic_life: bool = True
     """a life lost ends the training episode (not the logged game), as OpenAI's A2C and CleanRL"""
-    max_episode_frames: int = 108000
-    """truncate episodes after this many frames (truncations still bootstrap)"""
+    max_episode_frames: int = 108000  # truncate episodes here (truncations still bootstrap)
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment

@@ -42,8 +42,7 @@ SCRIPT = os.path.basename(__file__)
 class Args:
     env_id: str = "BreakoutNoFrameskip-v4"
     """the Atari game: BreakoutNoFrameskip-v4, ALE/Breakout-v5 or breakout all mean Breakout"""
-    total_timesteps: int = 10000000
-    """total timesteps of the experiments (agent steps; 4 frames each)"""
+    total_timesteps: int = 10000000  # total timesteps of the experiments (4 frames each)
     learning_rate: float = 1e-4  # the learning rate of the Adam optimizer
     buffer_size: int = 1000000  # the replay memory buffer size (transitions)
     gamma: float = 0.99  # the discount factor gamma
@@ -51,13 +50,11 @@ class Args:
     """the backup: `hard` (DQN), `entropy` (soft Q, entropy bonus), `kl` (soft Q, KL to uniform)"""
     tau: float = 0.1  # the temperature tau of the soft targets (on the clipped-reward scale)
     n_step: int = 1  # n of the n-step return (Eq. 46)
-    target_network_frequency: int = 1000
-    """the timesteps it takes to copy the Q-network into the target network"""
+    target_network_frequency: int = 1000  # copy the Q-network into the target every this many
     batch_size: int = 32  # the size of a batch sampled from the replay memory
     start_e: float = 1.0  # the starting epsilon for exploration
     end_e: float = 0.01  # the ending epsilon for exploration
-    exploration_fraction: float = 0.10
-    """the fraction of `total-timesteps` it takes from start-e to go end-e"""
+    exploration_fraction: float = 0.10  # the fraction of the run it takes from start-e to end-e
     boltzmann: bool = False
     """act by sampling the Boltzmann policy pi_Q (temperature tau) instead of epsilon-greedy"""
     learning_starts: int = 80000  # timestep to start learning

@@ -40,31 +40,24 @@ SCRIPT = os.path.basename(__file__)
 
 @dataclass
 class Args:
-    dataset: str = "hopper-medium-v2"
-    """a D4RL-format .hdf5 file, a D4RL name (hopper-medium-v2) or a Minari id"""
+    dataset: str = "hopper-medium-v2"  # a D4RL-format .hdf5 file, a D4RL name or a Minari id
     env_id: str | None = None  # the evaluation env; inferred from the dataset when not given
-    total_timesteps: int = 1000000
-    """number of gradient steps (offline: no environment steps are taken for training)"""
+    total_timesteps: int = 1000000  # gradient steps (offline: no env steps are taken to train)
     batch_size: int = 256  # the size of a batch sampled from the dataset
     gamma: float = 0.99  # the discount factor gamma
     lam: float = 0.005  # Polyak rate lambda of the target critics (CleanRL's `tau`)
-    learning_rate: float = 3e-4
-    """the learning rate of all networks (the policy's decays on a cosine to 0)"""
+    learning_rate: float = 3e-4  # of all networks (the policy's decays on a cosine to 0)
     hidden_size: int = 256  # width of the two hidden layers of every network
-    value_loss: Literal["gumbel", "expectile"] = "gumbel"
-    """`gumbel`: X-QL (Gumbel regression of V on Q); `expectile`: IQL (expectile regression)"""
+    value_loss: Literal["gumbel", "expectile"] = "gumbel"  # X-QL; `expectile`: IQL
     expectile: float = 0.7  # IQL's expectile of --value-loss expectile (IQL: 0.7 on locomotion)
-    beta: float = 2.0
-    """the Gumbel regression temperature beta (the paper: 2 on all locomotion, its 'X-QL C')"""
+    beta: float = 2.0  # Gumbel temperature (the paper: 2 on all locomotion, its 'X-QL C')
     eta: float = 3.0
     """AWR inverse temperature eta (the paper: 3; 0: BC); with random play in the data try 0.1"""
-    exp_clip: float = 7.0
-    """clip from above of the residual z = (y - V)/beta in the Gumbel loss (the paper: 7)"""
+    exp_clip: float = 7.0  # upper clip of the Gumbel loss's residual z = (y - V)/beta (paper: 7)
     max_weight: float = 100.0  # cap of the AWR weights exp(eta * advantage)
     normalize_reward: bool = True
     """scale rewards by 1000 / (max - min episode return), as IQL and X-QL on D4RL locomotion"""
-    reward_scale: float | None = None
-    """multiply every reward by this instead of the scale --normalize-reward derives"""
+    reward_scale: float | None = None  # this scale of every reward, not --normalize-reward's
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
     seed: int = 1  # seed of the experiment
