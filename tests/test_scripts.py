@@ -58,8 +58,8 @@ def test_algorithm_first_then_train_then_the_appendix(script):
     for name, line in where.items():
         if re.search(r"(loss|target)", name) and not name.startswith("check"):
             assert line < where["train"], f"{script}: {name} comes after train()"
-        if name in ("check_args", "evaluate", "save_checkpoint", "restore", "load_checkpoint", "resume_args"):
-            assert line > where["train"], f"{script}: {name} comes before train()"
+    for name in ("check_args", "start_run", "log_update", "evaluate", "Run", "Progress", "load_checkpoint", "resume_args"):
+        assert where[name] > where["train"], f"{script}: {name} comes before train(), or is missing"
     main = tree.body[-1]
     assert isinstance(main, ast.If) and ast.unparse(main.body[0]) == "train(tyro.cli(Args))" and len(main.body) == 1
 
