@@ -572,8 +572,8 @@ class Run:
             self.save(step, num_updates, learner, n_actions)
         if (args := self.args).save_model:
             path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
-            weights = {"n_actions": int(n_actions), "agent": learner["agent"].state_dict()}
-            torch.save({"script": SCRIPT, "args": vars(args), **weights}, path)
+            saved = {"n_actions": int(n_actions), "agent": learner["agent"].state_dict()}
+            torch.save({"script": SCRIPT, "args": vars(args), **saved}, path)
             returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
             for idx, episodic_return in enumerate(returns):
                 self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)

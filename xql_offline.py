@@ -696,12 +696,12 @@ class Run:
             self.save(steps, learner)
         self.progress.update(steps, self.last_return)
 
-    def finish(self, weights: dict) -> None:
-        """End the progress line; with --save-model, save the weights, reload and evaluate them."""
+    def finish(self, state_dicts: dict) -> None:
+        """End the progress line; with --save-model, save the networks, reload and evaluate them."""
         self.progress.print()
         if (args := self.args).save_model:
             path = f"runs/{self.name}/{args.exp_name}.cleanrl_model"
-            torch.save({"script": SCRIPT, "args": vars(args), **weights, **self.env_spec}, path)
+            torch.save({"script": SCRIPT, "args": vars(args), **state_dicts, **self.env_spec}, path)
             returns = evaluate(path, args.eval_episodes, args.seed + 20_000, str(self.device))
             for idx, episodic_return in enumerate(returns):
                 self.writer.add_scalar("eval/reloaded_episodic_return", episodic_return, idx)
