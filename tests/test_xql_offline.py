@@ -258,7 +258,7 @@ def test_beats_the_dataset_and_behaviour_cloning(pendulum_data, workdir):
     for eta in [3.0, 0.0]:  # the two runs side by side, one thread each
         run_dir = workdir / f"eta{eta}"
         run_dir.mkdir()
-        flags = f"--dataset {path} --seed 1 --total-timesteps 12000 --eval-frequency 12000 --eta {eta}"
+        flags = f"--dataset {path} --seed 1 --total-timesteps 6000 --eval-frequency 6000 --eta {eta}"
         cmd = [sys.executable, str(ROOT / "xql_offline.py"), *flags.split(), "--eval-episodes", "20"]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         procs[eta] = (
@@ -271,8 +271,8 @@ def test_beats_the_dataset_and_behaviour_cloning(pendulum_data, workdir):
         assert proc.returncode == 0, err.decode()[-3000:]
         finals[eta] = read_scalars(run_dir)["eval/episodic_return"][-1][1]
     xql, bc, data_mean = finals[3.0], finals[0.0], dataset_returns.mean()
-    # measured (seed 1, 2-core CPU): one after the other with 2 threads, X-QL -304 and BC -708;
-    # side by side with one thread each (as now), X-QL -350 and BC -715; the dataset's mean is -675
+    # measured (seed 1, one thread each, side by side): at 6000 steps X-QL -319 and BC -746; at
+    # 12000, X-QL -350 and BC -715; the dataset's mean is -675
     assert xql > data_mean + 200, f"X-QL {xql:.0f} vs dataset mean {data_mean:.0f}"
     assert xql > bc + 200, f"X-QL {xql:.0f} vs BC {bc:.0f}"
 

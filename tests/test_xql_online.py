@@ -257,10 +257,10 @@ def test_bad_input_stops_before_training(module, flags, names, tmp_path, monkeyp
 @pytest.mark.parametrize("script", [m + ".py" for m in MODULES])
 def test_learns_pendulum_in_10k_steps(script, workdir):
     """A random policy scores about -1200 on Pendulum-v1; the threshold is -300 (10 episodes). With
-    128-unit layers, half the default's time (seed 1): X-SAC -180 at 5k and -176 at 10k, X-TD3 -1031
-    at 5k and -180 at 10k (and on to 20k); with --gamma 0 (no bootstrapping) both stay at -1200 to
-    -1400."""
-    steps = 10_000
+    128-unit layers, half the default's time (seed 1): X-SAC -180 at 5k and -174 at the end of a
+    6k-step run, X-TD3 -1031 at 5k and -180 at 10k (and on to 20k); with --gamma 0 (no
+    bootstrapping) both stay at -1200 to -1400. We check X-SAC at 6k and X-TD3 at 10k."""
+    steps = {"xql_sac.py": 6000, "xql_td3.py": 10_000}[script]
     flags = f"--env-id Pendulum-v1 --seed 1 --total-timesteps {steps} --learning-starts 1000 --eval-frequency 5000"
     flags += " --hidden-size 128"
     proc = run_script(script, [*flags.split(), "--eval-episodes", "10"], workdir, timeout=1200)
