@@ -17,7 +17,8 @@ in chunks of 10k steps; after each chunk its actor is kept as a snapshot with it
 episodes). The expert is the best-evaluated snapshot, the medium the first snapshot whose
 evaluation reaches a third of the expert's normalised score. Everything is resumable: run the
 same command again after a stop, or with a larger --expert-steps to train on (the data is then
-made again). About 75 SAC steps/s on one CPU core: 300k steps take about an hour per env.
+made again). SAC runs on one thread (the data repeat exactly only so), about 75 steps/s on one
+core: 300k steps take about an hour per env.
 Writes OUT/<env>-<dataset>.hdf5 and OUT/summary.json (the datasets' returns, normalised by
 D4RL's reference scores, and the SAC run's evaluations).
 """
@@ -53,8 +54,10 @@ def train_sac(env_id: str, folder: str, steps: int) -> dict:
         ckpt = glob.glob(f"{folder}/runs/*/checkpoint.pt")
         start = ["--resume", os.path.abspath(ckpt[0])] if ckpt else ["--env-id", env_id, *SAC_FLAGS]
         cmd = [sys.executable, f"{ROOT}/xql_sac.py", *start, "--stop-at", str(stop), "--no-cuda"]
+        # one thread: with two, the same seed gives other SAC runs and so other datasets
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         with open(log, "a") as out:
-            if subprocess.run(cmd, cwd=folder, stdout=out, stderr=subprocess.STDOUT).returncode:
+            if subprocess.run(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
                 sys.exit(f"error: SAC stopped before step {stop}; see {log}")
         checkpoint = torch.load(glob.glob(f"{folder}/runs/*/checkpoint.pt")[0], weights_only=False)
         keep = {k: checkpoint[k] for k in ("script", "args", "run_name", "global_step", "actor")}
