@@ -17,7 +17,6 @@ needs (SHIMS, also in the run's record):
     python benchmarks/parity/corl_iql.py --corl-repo /tmp/CORL --dataset data/d4rl/hopper-medium-expert.hdf5
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -29,7 +28,7 @@ import time
 import types
 from pathlib import Path
 
-from xql_authors_offline import REF_SCORES, d4rl_name, shim_d4rl
+from xql_authors_offline import REF_SCORES, check_dataset, d4rl_name, shim_d4rl, suite_parser
 
 SHIMS = [
     "d4rl: qlearning_dataset(env) reads our HDF5 file by D4RL's rule; the env is gymnasium's v5 robot behind "
@@ -69,20 +68,12 @@ def shim_wandb(run_dir: str, robot: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = suite_parser(__doc__, "CORL's loop", "CORL-IQL")
     p.add_argument("--corl-repo", default=None)
-    p.add_argument("--dataset", required=True, help="a D4RL-format HDF5 file named like hopper-medium.hdf5")
     p.add_argument("--corl-flags", default="", help="iql.py's TrainConfig flags, e.g. '--beta 3 --iql_tau 0.7'")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--total-timesteps", type=int, default=100_000)
-    p.add_argument("--eval-frequency", type=int, default=5000)
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--exp-name", default="CORL-IQL")
-    p.add_argument("--checkpoint-frequency", type=int, default=0, help="accepted for suites; CORL's loop cannot resume")
     args = p.parse_args(argv)
     repo = corl_repo(args.corl_repo)
-    if not os.path.isfile(args.dataset):
-        raise SystemExit(f"error: --dataset {args.dataset}: no such file (tools/make_d4rl_datasets.py makes them)")
+    check_dataset(args.dataset)
     if importlib.util.find_spec("pyrallis") is None:
         raise SystemExit("error: CORL's iql.py needs pyrallis: pip install pyrallis")
     robot, name = d4rl_name(args.dataset)

@@ -178,21 +178,31 @@ def shim_logging(run_dir: str, robot: str) -> None:
     )
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--authors-repo", default=None)
+def suite_parser(doc: str, peer: str, exp_name: str) -> argparse.ArgumentParser:
+    """The flags benchmarks/sweep.py passes to a harness that runs a peer's offline code on our file."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="a D4RL-format HDF5 file named like hopper-medium.hdf5")
-    p.add_argument("--authors-flags", default="", help="their train_offline.py flags, e.g. '--temp=5 --max_clip=7'")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--total-timesteps", type=int, default=100_000)
     p.add_argument("--eval-frequency", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--exp-name", default="authors")
-    p.add_argument("--checkpoint-frequency", type=int, default=0, help="accepted for suites; their code has none")
+    p.add_argument("--exp-name", default=exp_name)
+    p.add_argument("--checkpoint-frequency", type=int, default=0, help=f"accepted for suites; {peer} cannot resume")
+    return p
+
+
+def check_dataset(path: str) -> None:
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --dataset {path}: no such file (tools/make_d4rl_datasets.py makes them)")
+
+
+def main(argv=None) -> None:
+    p = suite_parser(__doc__, "their loop", "authors")
+    p.add_argument("--authors-repo", default=None)
+    p.add_argument("--authors-flags", default="", help="their train_offline.py flags, e.g. '--temp=5 --max_clip=7'")
     args = p.parse_args(argv)
     repo = authors_repo(args.authors_repo)
-    if not os.path.isfile(args.dataset):
-        raise SystemExit(f"error: --dataset {args.dataset}: no such file (tools/make_d4rl_datasets.py makes them)")
+    check_dataset(args.dataset)
     robot, name = d4rl_name(args.dataset)
     run_name = f"{Path(args.dataset).stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
