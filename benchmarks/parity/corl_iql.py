@@ -68,7 +68,7 @@ def shim_wandb(run_dir: str, robot: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = suite_parser(__doc__, "CORL's loop", "CORL-IQL")
+    p = suite_parser(__doc__, "CORL-IQL", "accepted for suites; CORL's loop cannot resume")
     p.add_argument("--corl-repo", default=None)
     p.add_argument("--corl-flags", default="", help="iql.py's TrainConfig flags, e.g. '--beta 3 --iql_tau 0.7'")
     args = p.parse_args(argv)

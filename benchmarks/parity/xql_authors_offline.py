@@ -20,6 +20,13 @@ evaluation and seed come from ours. What running it here needs (SHIMS, also in t
     gives it) also as `eval/normalized_score` and, turned back into a return, `eval/episodic_return`
   - `np.bool8` aliased to `np.bool_` for gym 0.26.2 under NumPy 2; gym 0.26.2's ObservationWrapper
     given gym 0.24's pass-through of the old API, which their wrappers were written for
+  - NumPy's global generator, which draws their batches and which their main() never seeds, seeded
+    with --seed, so that a run repeats
+  - resuming, which their loop lacks: every --checkpoint-frequency steps and on SIGTERM the learner
+    (its four models with their optimiser states, and its JAX key), NumPy's global state (their batch
+    sampler), the evaluation env's generator and the best evaluation so far go to
+    runs/<run name>/checkpoint.pt; `--resume` that file rebuilds them and starts their loop after its
+    step, so that a stopped run goes on as if it had not stopped (benchmarks/sweep.py resumes so)
 
     python benchmarks/parity/xql_authors_offline.py --authors-repo /tmp/XQL \
         --dataset data/d4rl/hopper-medium.hdf5 --authors-flags "--temp=5 --max_clip=7 --double=True"
@@ -30,6 +37,7 @@ import importlib.util
 import inspect
 import json
 import os
+import pickle
 import re
 import shlex
 import signal
@@ -56,7 +64,13 @@ SHIMS = [
     "eval/normalized_score and, as a return, eval/episodic_return",
     "np.bool8 = np.bool_ for gym 0.26.2's env checker",
     "gym 0.26.2's ObservationWrapper.reset and .step pass gym 0.24's old API through, as their wrappers expect",
+    "np.random.seed(seed) before their main(), which never seeds the generator that draws their batches",
+    "resume: the learner's models and JAX key, NumPy's global state, the evaluation env's generator and the best "
+    "evaluation saved at a step boundary; their loop's range starts after the saved step",
 ]
+ENVS = []  # the D4RL-style envs made, so that a checkpoint can keep the evaluation env's generator
+BEST = [-np.inf]  # the best evaluation so far, which their loop keeps in a local
+STOP = [False]  # set by SIGTERM (a stop of the runner); their loop is stopped at the next step boundary
 
 
 def authors_repo(path: str | None) -> str:
@@ -130,7 +144,8 @@ def shim_d4rl(dataset: str, robot: str, name: str) -> None:
         def get_normalized_score(self, score):
             return (score - low) / (high - low)
 
-    gym.envs.registration.register(id=name, entry_point=lambda: D4RLStyleEnv(), disable_env_checker=True)
+    gym.envs.registration.register(id=name, entry_point=lambda: ENVS.append(D4RLStyleEnv()) or ENVS[-1],
+                                   disable_env_checker=True)
     # their wrappers were written for gym <= 0.24, whose ObservationWrapper passed the old API through
     gym.ObservationWrapper.reset = lambda self, **kwargs: self.observation(self.env.reset(**kwargs))
 
@@ -162,8 +177,11 @@ def shim_logging(run_dir: str, robot: str) -> None:
 
         def add_scalar(self, tag, value, step=None, *args, **kwargs):
             value = float(np.asarray(value))  # their values are jax arrays
+            if tag == "evaluation/best_returns":  # theirs counts from the resume; the best of the whole run
+                value = max(value, BEST[0])
             super().add_scalar(tag, value, step)
             if tag == "evaluation/average_returns":  # EpisodeMonitor's: D4RL-normalised, times 100
+                BEST[0] = max(BEST[0], value)
                 super().add_scalar("eval/normalized_score", value, step)
                 super().add_scalar("eval/episodic_return", low + float(value) / 100.0 * (high - low), step)
 
@@ -178,7 +196,7 @@ def shim_logging(run_dir: str, robot: str) -> None:
     )
 
 
-def suite_parser(doc: str, peer: str, exp_name: str) -> argparse.ArgumentParser:
+def suite_parser(doc: str, exp_name: str, checkpoint_help: str) -> argparse.ArgumentParser:
     """The flags benchmarks/sweep.py passes to a harness that runs a peer's offline code on our file."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="a D4RL-format HDF5 file named like hopper-medium.hdf5")
@@ -187,7 +205,7 @@ def suite_parser(doc: str, peer: str, exp_name: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-frequency", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--exp-name", default=exp_name)
-    p.add_argument("--checkpoint-frequency", type=int, default=0, help=f"accepted for suites; {peer} cannot resume")
+    p.add_argument("--checkpoint-frequency", type=int, default=0, help=checkpoint_help)
     return p
 
 
@@ -196,16 +214,82 @@ def check_dataset(path: str) -> None:
         raise SystemExit(f"error: --dataset {path}: no such file (tools/make_d4rl_datasets.py makes them)")
 
 
+def shim_resume(train_offline, run_dir: str, argv: list[str], every: int, saved: dict | None) -> None:
+    """Checkpoints of their loop at step boundaries (every `every` steps, and on SIGTERM), and a loop
+    that starts after `saved`'s step with its state, which goes on as the unstopped run would."""
+    import builtins
+
+    import flax
+    import jax
+
+    start, done, learner = (saved or {}).get("step", 0), [(saved or {}).get("step", 0)], []
+    keys = ("actor", "critic", "value", "target_critic", "rng")
+
+    class ResumedLearner(train_offline.Learner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)  # after make_env_and_dataset: the env is made and seeded
+            learner.append(self)
+            if saved:
+                state = flax.serialization.from_bytes({k: getattr(self, k) for k in keys}, saved["learner"])
+                for k in keys:
+                    setattr(self, k, jax.tree_util.tree_map(jax.numpy.asarray, state[k]))
+                np.random.set_state(saved["numpy"])
+                env = ENVS[-1]
+                env._seed = saved["env_seed"]
+                if saved["env_generator"] is not None:
+                    env._env.unwrapped.np_random = np.random.Generator(np.random.PCG64())
+                    env._env.unwrapped.np_random.bit_generator.state = saved["env_generator"]
+                BEST[0] = saved["best"]
+
+    def save(step: int) -> None:
+        env, model = ENVS[-1], learner[0]
+        generator = env._env.unwrapped._np_random
+        state = dict(argv=argv, step=step, numpy=np.random.get_state(), best=BEST[0], env_seed=env._seed,
+                     env_generator=None if generator is None else generator.bit_generator.state,
+                     learner=flax.serialization.to_bytes({k: getattr(model, k) for k in keys}))  # fmt: skip
+        path = os.path.join(run_dir, "checkpoint.pt")
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    sample = train_offline.D4RLDataset.sample
+
+    def sample_at_step_boundary(self, batch_size):  # called first in each step of their loop
+        if STOP[0] or (every and done[0] > start and done[0] % every == 0):
+            save(done[0])
+            if STOP[0]:
+                print(f"stopped at step {done[0]}: {run_dir}/checkpoint.pt; --resume it to go on", flush=True)
+                sys.exit(128 + signal.SIGTERM)
+        done[0] += 1
+        return sample(self, batch_size)
+
+    train_offline.Learner = ResumedLearner
+    train_offline.D4RLDataset.sample = sample_at_step_boundary
+    # their loop is `for i in range(1, FLAGS.max_steps + 1)`: a resumed one starts after the saved step
+    train_offline.range = lambda *a: builtins.range(start + 1, a[1]) if a[0] == 1 and len(a) == 2 else builtins.range(*a)
+
+
 def main(argv=None) -> None:
-    p = suite_parser(__doc__, "their loop", "authors")
+    p = suite_parser(__doc__, "authors", "saved every this many steps, and on SIGTERM, for --resume")
     p.add_argument("--authors-repo", default=None)
     p.add_argument("--authors-flags", default="", help="their train_offline.py flags, e.g. '--temp=5 --max_clip=7'")
+    p.add_argument("--resume", default=None, help="runs/<run name>/checkpoint.pt: go on from it, with its flags")
+    signal.signal(signal.SIGTERM, lambda sig, frame: STOP.__setitem__(0, True))  # checkpoint at the next step
+    resume = argparse.ArgumentParser(add_help=False)
+    resume.add_argument("--resume")
+    saved, argv = None, list(sys.argv[1:] if argv is None else argv)
+    path = resume.parse_known_args(argv)[0].resume
+    if path:  # the run's own flags, from its checkpoint
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        argv = saved["argv"]
     args = p.parse_args(argv)
+    args.resume = path
     repo = authors_repo(args.authors_repo)
     check_dataset(args.dataset)
     robot, name = d4rl_name(args.dataset)
     run_name = f"{Path(args.dataset).stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = os.path.dirname(args.resume) if saved else os.path.join("runs", run_name)
     shim_jax()
     shim_d4rl(args.dataset, robot, name)
     shim_logging(run_dir, robot)
@@ -219,14 +303,16 @@ def main(argv=None) -> None:
         json.dump({"harness": "benchmarks/parity/xql_authors_offline.py",
                    "peer": "github.com/Div99/XQL offline/train_offline.py", "peer_commit": commit or None,
                    "their_flags": theirs, "shims": SHIMS}, f)  # fmt: skip
-    # SIGTERM (a stop of the runner): their loop has no resumable checkpoint; exit as a stopped run
-    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     print(f"authors' train_offline.py on {args.dataset} as {name}, {commit[:12]}: {' '.join(theirs)}", flush=True)
+    if saved:
+        print(f"resumed {args.resume} at step {saved['step']} of {args.total_timesteps}", flush=True)
     sys.path.insert(0, os.path.join(repo, "offline"))
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     spec = importlib.util.spec_from_file_location("train_offline", os.path.join(repo, "offline", "train_offline.py"))
     train_offline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_offline)
+    shim_resume(train_offline, run_dir, argv, args.checkpoint_frequency, saved)
+    np.random.seed(args.seed)  # their loop never seeds NumPy, whose global generator draws their batches
     from absl import app
 
     app.run(train_offline.main, argv=["train_offline.py", *theirs])
