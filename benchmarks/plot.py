@@ -329,6 +329,18 @@ def changed_lines(a: str, b: str, script: str) -> int:
     return sum(int(x) for line in out.stdout.splitlines() for x in line.split()[:2] if x.isdigit())
 
 
+def run_commits(record: dict) -> list[tuple[str, bool]]:
+    """The commits a run's steps came from, as (commit, dirty): those of its segments from its last
+    fresh start (a start that did not resume: what ran before it was thrown away) in order, one where
+    a resume changed commit; the record's own commit where its segments do not name theirs."""
+    segments = record.get("segments") or []
+    fresh = [i for i, s in enumerate(segments) if not s.get("resumed_from")]
+    kept = segments[fresh[-1] :] if fresh else []
+    if not kept or not all(s.get("commit") for s in kept):
+        return [(str(record.get("commit") or "unknown"), bool(record.get("dirty")))]
+    return list(dict.fromkeys((str(s["commit"]), bool(s.get("dirty"))) for s in kept))
+
+
 def provenance_rows(folder: Path) -> list[str]:
     """Where the runs came from, from their records: per commit, the runs, how they were made (by the
     runner, or imported with the commit as typed), and the package versions they recorded; and a
@@ -341,16 +353,18 @@ def provenance_rows(folder: Path) -> list[str]:
             continue
         if not isinstance(record, dict) or "run_id" not in record:
             continue
-        commit = str(record.get("commit") or "unknown")
-        short = commit[:7] + ("+dirty" if record.get("dirty") or commit.endswith("+dirty") else "")
         made = "imported" if record.get("imported") else "runner"
         versions = record.get("versions") or {}
         versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or "not recorded"
         script = record.get("script", "?")
-        groups[(short, made, versions)].append(record["run_id"])
-        if made != "imported" or "imported_from" in record:
-            comparable = " " not in script and not short.endswith("+dirty")
-            blobs[script][short] = script_blob(commit, script) if comparable else None
+        shorts = []
+        for commit, dirty in run_commits(record):
+            short = commit[:7] + ("+dirty" if dirty or commit.endswith("+dirty") else "")
+            shorts.append(short)
+            if made != "imported" or "imported_from" in record:
+                comparable = " " not in script and not short.endswith("+dirty")
+                blobs[script][short] = script_blob(commit, script) if comparable else None
+        groups[(" then ".join(shorts), made, versions)].append(record["run_id"])
     if not groups:
         return []
     rows = ["", "## Provenance", "", "From each run's record (its .json beside the CSV).", ""]

@@ -429,3 +429,22 @@ def test_results_md_lists_the_runs_commits_and_flags_a_suite_whose_scripts_diffe
     rows = "\n".join(plot.provenance_rows(tmp_path))
     assert "**Mixed code:** the runs of xql_sac.py come from 2 different versions of it" in rows
     assert "lines changed from aaaaaaa: 7" in rows
+
+
+def test_a_run_counts_under_the_commits_of_its_segments_since_its_last_fresh_start(tmp_path, monkeypatch):
+    def segment(commit, resumed):
+        return {"commit": commit, "dirty": False, "resumed_from": "runs/x/checkpoint.pt" if resumed else None}
+
+    cases = {  # a stopped start, then the whole run afresh; a run resumed at another commit; old records
+        1: [segment("a" * 40, False), segment("b" * 40, False)],
+        2: [segment("a" * 40, False), segment("c" * 40, True)],
+        3: [{"resumed_from": None}],
+    }
+    for seed, segments in cases.items():
+        write_fake_run(tmp_path, "Pendulum-v1", "X", seed, -150.0)
+        run = dict(run_id=f"Pendulum-v1__X__{seed}", suite="t", script="xql_sac.py", commit="a" * 40, dirty=False)
+        (tmp_path / f"Pendulum-v1__X__{seed}.json").write_text(json.dumps(dict(run, segments=segments)) + "\n")
+    monkeypatch.setattr(plot, "script_blob", lambda commit, script: "same")
+    rows = "\n".join(plot.provenance_rows(tmp_path))
+    assert "| bbbbbbb | runner | 1 |" in rows and "| aaaaaaa then ccccccc | runner | 1 |" in rows
+    assert "| aaaaaaa | runner | 1 |" in rows  # the record without commits per segment: its own
