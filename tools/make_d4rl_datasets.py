@@ -17,8 +17,8 @@ in chunks of 10k steps; after each chunk its actor is kept as a snapshot with it
 episodes). The expert is the best-evaluated snapshot, the medium the first snapshot whose
 evaluation reaches a third of the expert's normalised score. Everything is resumable: run the
 same command again after a stop, or with a larger --expert-steps to train on (the data is then
-made again). SAC runs on one thread (the data repeat exactly only so), about 75 steps/s on one
-core: 300k steps take about an hour per env.
+made again). SAC runs on one thread (the data repeat exactly only so), 42 to 49 steps/s on one
+core of a 2-core machine: 300k steps take about two hours per env, each 1M-transition rollout 12-13 min.
 Writes OUT/<env>-<dataset>.hdf5 and OUT/summary.json (the datasets' returns, normalised by
 D4RL's reference scores, and the SAC run's evaluations).
 """
