@@ -1,5 +1,6 @@
 """Tests of xql_offline.py (Garg et al. 2023, offline; docs/xql_offline.md) and of the dataset tool."""
 
+import json
 import math
 import os
 import subprocess
@@ -493,9 +494,21 @@ def test_d4rl_recipe_makes_four_datasets_from_one_sac_run_and_resumes(tmp_path, 
     np.testing.assert_array_equal(both["actions"], np.concatenate([medium["actions"], expert["actions"]]))
     assert medium["timeouts"][-1] and not medium["terminals"][-1]  # the step budget cuts its last episode
     mtime = os.path.getmtime(tmp_path / "hopper-medium.hdf5")
+    run = subprocess.run
     monkeypatch.setattr(d4.subprocess, "run", None)  # nothing may be trained again
     assert d4.make("Hopper-v5", str(tmp_path), 600, 200)["datasets"] == info["datasets"]
     assert os.path.getmtime(tmp_path / "hopper-medium.hdf5") == mtime
+    # from that summary, medium alone: SAC trains to the medium step only and the file is the same
+    monkeypatch.setattr(d4.subprocess, "run", run)
+    known = json.loads(json.dumps(info))  # the steps as a summary.json holds them
+    again = d4.make("Hopper-v5", str(tmp_path / "again"), 10**6, 200, ["medium"], known)
+    assert list(again["datasets"]) == ["hopper-medium"] and list(again["evaluations"]) == [300]
+    assert not (tmp_path / "again/sac-Hopper-v5/snapshots/0000600.pt").exists()
+    np.testing.assert_array_equal(mk.read_hdf5(str(tmp_path / "again/hopper-medium.hdf5"))[0]["actions"],
+                                  medium["actions"])
+    known["evaluations"]["300"] += 1  # another SAC run than the summary's: refused
+    with pytest.raises(SystemExit, match="step 300"):
+        d4.make("Hopper-v5", str(tmp_path / "again"), 10**6, 200, ["medium"], known)
 
 
 def test_sampled_sac_actions_vary_around_the_mean_and_repeat_with_the_seed(tmp_path):

@@ -11,13 +11,17 @@ they are the policy's draws, not its mean). Episodes end at 1000 steps, recorded
 
     python tools/make_d4rl_datasets.py                     # both envs, into data/d4rl/
     python tools/make_d4rl_datasets.py --envs Hopper-v5 --expert-steps 500000
+    python tools/make_d4rl_datasets.py --envs Hopper-v5 --datasets medium \
+        --policies-from results/offline-d4rl/datasets.json  # SAC to the committed medium step only
 
 One SAC run per env (xql_sac.py --value-loss sac, seed 1, a 1M-step run stopped at --expert-steps),
 in chunks of 10k steps; after each chunk its actor is kept as a snapshot with its evaluation (10
 episodes). The expert is the best-evaluated snapshot, the medium the first snapshot whose
 evaluation reaches a third of the expert's normalised score. Everything is resumable: run the
 same command again after a stop, or with a larger --expert-steps to train on (the data is then
-made again). SAC runs on one thread (the data repeat exactly only so), 42 to 49 steps/s on one
+made again). With --policies-from a summary.json already made (results/offline-d4rl/datasets.json),
+the expert and medium steps are that file's, SAC trains only as far as the --datasets asked for need
+(hopper-medium: 80k steps, not 300k) and its evaluations must equal the file's. SAC runs on one thread (the data repeat exactly only so), 42 to 49 steps/s on one
 core of a 2-core machine: 300k steps take about two hours per env, each 1M-transition rollout 12-13 min.
 Writes OUT/<env>-<dataset>.hdf5 and OUT/summary.json (the datasets' returns, normalised by
 D4RL's reference scores, and the SAC run's evaluations).
@@ -38,6 +42,7 @@ from make_offline_dataset import episodes_to_d4rl, read_hdf5, replay_episodes, r
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 D4RL_REF_SCORES = dict(hopper=(-20.272305, 3234.3), halfcheetah=(-280.178953, 12135.0),
                        walker2d=(1.629008, 4592.3))  # D4RL's random and expert returns: 0 and 100
+DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
 CHUNK = 10000  # steps between snapshots, one evaluation each
 SAC_FLAGS = ["--value-loss", "sac", "--seed", "1", "--total-timesteps", "1000000",
              "--eval-frequency", str(CHUNK), "--eval-episodes", "10", "--exp-name", "d4rl-sac"]
@@ -94,35 +99,48 @@ def summary(data: dict, ref: tuple) -> dict:
                 terminals=int(data["terminals"].sum()), timeouts=int(data["timeouts"].sum()))
 
 
-def make(env_id: str, out: str, steps: int, transitions: int) -> dict:
-    """The four datasets of one env; returns their summaries and the choice of policies."""
+def make(env_id: str, out: str, steps: int, transitions: int, names=DATASETS, known: dict | None = None) -> dict:
+    """The datasets `names` of one env (medium-expert brings medium and expert); returns their
+    summaries and the choice of policies, made from the SAC run or taken from `known` (a summary)."""
     robot = env_id.split("-")[0].lower()
     ref = D4RL_REF_SCORES[robot]
     folder = f"{out}/sac-{env_id}"
+    names = set(names) | ({"medium", "expert"} if "medium-expert" in names else set())
+    if known:  # the committed choice: SAC trains only to the last policy the datasets need
+        expert, medium = known["expert_step"], known["medium_step"]
+        steps = max(expert if name in ("expert", "medium-expert") else medium for name in names)
     evals = train_sac(env_id, folder, steps)
-    expert, medium = choose_policies(evals, ref)
+    if known:
+        differ = [s for s in evals if evals[s] != known["evaluations"].get(str(s))]
+        if differ:
+            sys.exit(f"error: {env_id}: SAC's evaluation at step {differ[0]} is {evals[differ[0]]}, "
+                     f"not {known['evaluations'].get(str(differ[0]))}: not the run --policies-from describes")
+    else:
+        expert, medium = choose_policies(evals, ref)
     if expert is None:
         sys.exit(f"error: {env_id}: SAC's first evaluation is its best; train on (--expert-steps)")
-    info = dict(env_id=env_id, sac_steps=steps, expert_step=expert, expert_eval=evals[expert],
-                medium_step=medium, medium_eval=evals[medium], evaluations=evals, datasets={})
+    info = dict(env_id=env_id, sac_steps=steps, expert_step=expert,
+                expert_eval=known["expert_eval"] if known else evals[expert], medium_step=medium,
+                medium_eval=evals[medium], evaluations=evals, datasets={})
     made = f"{folder}/made.json"  # the policies the files were made from: made again if they change
     stale = not os.path.exists(made) or json.load(open(made)) != [expert, medium, transitions]
     path = lambda name: f"{out}/{robot}-{name}.hdf5"  # noqa: E731
     for name, step, seed in (("medium", medium, 1), ("expert", expert, 2)):
-        if stale or not os.path.exists(path(name)):
+        if name in names and (stale or not os.path.exists(path(name))):
             policy = f"checkpoint:{folder}/snapshots/{step:07d}.pt"
             episodes = rollout(env_id, policy, steps=transitions, seed=seed, sample=True)
             write_hdf5(path(name), episodes_to_d4rl(episodes), env_id, *ref)
-    if stale or not os.path.exists(path("medium-replay")):
+    if "medium-replay" in names and (stale or not os.path.exists(path("medium-replay"))):
         episodes, _ = replay_episodes(glob.glob(f"{folder}/runs/*/checkpoint.pt")[0], medium)
         write_hdf5(path("medium-replay"), episodes_to_d4rl(episodes), env_id, *ref)
-    if stale or not os.path.exists(path("medium-expert")):
+    if "medium-expert" in names and (stale or not os.path.exists(path("medium-expert"))):
         parts = [read_hdf5(path(name))[0] for name in ("medium", "expert")]
         write_hdf5(path("medium-expert"), {k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
                    env_id, *ref)
     json.dump([expert, medium, transitions], open(made, "w"))
-    for name in ("medium", "medium-replay", "medium-expert", "expert"):
-        info["datasets"][f"{robot}-{name}"] = summary(read_hdf5(path(name))[0], ref)
+    for name in DATASETS:
+        if os.path.exists(path(name)):
+            info["datasets"][f"{robot}-{name}"] = summary(read_hdf5(path(name))[0], ref)
     return info
 
 
@@ -132,10 +150,16 @@ if __name__ == "__main__":
     p.add_argument("--expert-steps", type=int, default=300000, help="SAC steps of the expert's run")
     p.add_argument("--transitions", type=int, default=1000000, help="transitions of medium and of expert")
     p.add_argument("--out", default="data/d4rl", help="folder of the datasets (git ignores data/)")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, help="which to make")
+    p.add_argument("--policies-from", help="a summary.json made before: its expert and medium steps, "
+                   "SAC trained only as far as --datasets need (--expert-steps unused)")
     a = p.parse_args()
+    known = json.load(open(a.policies_from)) if a.policies_from else {}
     for env_id in a.envs:
         if env_id.split("-")[0].lower() not in D4RL_REF_SCORES:
             sys.exit(f"error: --envs {env_id}: D4RL scores only Hopper, HalfCheetah and Walker2d")
+        if a.policies_from and env_id not in known:
+            sys.exit(f"error: --policies-from {a.policies_from} has no {env_id}; make it without --policies-from")
     if a.expert_steps < 2 * CHUNK or a.expert_steps % CHUNK or a.expert_steps > 1000000:
         sys.exit(f"error: --expert-steps must be a multiple of {CHUNK} from {2 * CHUNK} to 1000000 (the SAC run)")
     if a.transitions < 1:
@@ -145,7 +169,7 @@ if __name__ == "__main__":
     if os.path.exists(f"{a.out}/summary.json"):
         results = json.load(open(f"{a.out}/summary.json"))
     for env_id in a.envs:
-        results[env_id] = make(env_id, a.out, a.expert_steps, a.transitions)
+        results[env_id] = make(env_id, a.out, a.expert_steps, a.transitions, a.datasets, known.get(env_id))
         json.dump(results, open(f"{a.out}/summary.json", "w"), indent=1)
         for name, s in results[env_id]["datasets"].items():
             print(f"{name}: {s['transitions']} transitions, {s['episodes']} episodes, return "
