@@ -154,6 +154,9 @@ if __name__ == "__main__":
     p.add_argument("--policies-from", help="a summary.json made before: its expert and medium steps, "
                    "SAC trained only as far as --datasets need (--expert-steps unused)")
     a = p.parse_args()
+    if a.policies_from and not os.path.isfile(a.policies_from):
+        sys.exit(f"error: --policies-from {a.policies_from} is not a file; give a summary.json such as "
+                 "results/offline-d4rl/datasets.json")
     known = json.load(open(a.policies_from)) if a.policies_from else {}
     for env_id in a.envs:
         if env_id.split("-")[0].lower() not in D4RL_REF_SCORES:
