@@ -610,3 +610,11 @@ def test_awr_at_the_papers_eta_follows_the_critics_error_on_random_rows_and_a_sm
     assert paper > bc + 0.015, (paper, bc)
     assert gentle < bc - 0.03, (gentle, bc)
     assert uniform_error < bc / 2, (uniform_error, bc)
+
+
+def test_d4rl_recipe_refuses_a_missing_policies_file_before_training(tmp_path):
+    out = subprocess.run([sys.executable, str(Path(_ROOT) / "tools" / "make_d4rl_datasets.py"), "--envs", "Hopper-v5",
+                          "--datasets", "medium", "--policies-from", str(tmp_path / "absent.json"),
+                          "--out", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--policies-from" in out.stderr and "is not a file" in out.stderr
+    assert not (tmp_path / "d").exists()
