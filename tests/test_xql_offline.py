@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -509,6 +510,29 @@ def test_d4rl_recipe_makes_four_datasets_from_one_sac_run_and_resumes(tmp_path, 
     known["evaluations"]["300"] += 1  # another SAC run than the summary's: refused
     with pytest.raises(SystemExit, match="step 300"):
         d4.make("Hopper-v5", str(tmp_path / "again"), 10**6, 200, ["medium"], known)
+
+
+def test_d4rl_recipe_trains_a_chunk_stopped_part_way_again_from_its_start(tmp_path, monkeypatch):
+    """A SAC run stopped inside its second chunk (a checkpoint at step 450 of 300-600, as SIGTERM
+    leaves it) gives the same step-600 actor as a run never stopped: MuJoCo's episode cannot be
+    checkpointed, so resuming at 450 would start a new one there and make another run."""
+    monkeypatch.setattr(d4, "CHUNK", 300)
+    flags = [("300" if f == "10000" else f) for f in d4.SAC_FLAGS]
+    flags[flags.index("--eval-episodes") + 1] = "1"
+    monkeypatch.setattr(d4, "SAC_FLAGS", [*flags, "--learning-starts", "100"])
+    stopped, never = tmp_path / "stopped" / "sac", tmp_path / "never" / "sac"
+    d4.train_sac("Hopper-v5", str(stopped), 300)
+    shutil.copytree(stopped, never)
+    d4.train_sac("Hopper-v5", str(never), 600)
+    (ckpt,) = stopped.glob("runs/*/checkpoint.pt")
+    cmd = [sys.executable, str(ROOT / "xql_sac.py"), "--resume", str(ckpt), "--stop-at", "450", "--no-cuda"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    assert subprocess.run(cmd, cwd=stopped, env=env, capture_output=True).returncode == 0
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 450
+    d4.train_sac("Hopper-v5", str(stopped), 600)
+    actors = [torch.load(f / "snapshots/0000600.pt", weights_only=False)["actor"] for f in (stopped, never)]
+    for name, weight in actors[0].items():
+        torch.testing.assert_close(weight, actors[1][name], rtol=0, atol=0)
 
 
 def test_sampled_sac_actions_vary_around_the_mean_and_repeat_with_the_seed(tmp_path):

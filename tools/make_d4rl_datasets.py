@@ -18,7 +18,8 @@ One SAC run per env (xql_sac.py --value-loss sac, seed 1, a 1M-step run stopped 
 in chunks of 10k steps; after each chunk its actor is kept as a snapshot with its evaluation (10
 episodes). The expert is the best-evaluated snapshot, the medium the first snapshot whose
 evaluation reaches a third of the expert's normalised score. Everything is resumable: run the
-same command again after a stop, or with a larger --expert-steps to train on (the data is then
+same command again after a stop (a chunk stopped part-way is trained again from its start, so the
+run is the same as one never stopped), or with a larger --expert-steps to train on (the data is then
 made again). With --policies-from a summary.json already made (results/offline-d4rl/datasets.json),
 the expert and medium steps are that file's, SAC trains only as far as the --datasets asked for need
 (hopper-medium: 80k steps, not 300k) and its evaluations must equal the file's. SAC runs on one thread (the data repeat exactly only so), 42 to 49 steps/s on one
@@ -32,6 +33,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +59,16 @@ def train_sac(env_id: str, folder: str, steps: int) -> dict:
         if os.path.exists(f"{folder}/snapshots/{stop:07d}.pt"):
             continue
         ckpt = glob.glob(f"{folder}/runs/*/checkpoint.pt")
+        if ckpt and torch.load(ckpt[0], weights_only=False)["global_step"] != stop - CHUNK:
+            # stopped inside the chunk: MuJoCo resumes in a new episode, so go back to its start
+            if stop == CHUNK:
+                shutil.rmtree(os.path.dirname(ckpt[0]))
+                ckpt = []
+            elif os.path.exists(f"{folder}/chunk.pt"):
+                shutil.copyfile(f"{folder}/chunk.pt", ckpt[0])
+            else:
+                sys.exit(f"error: SAC stopped inside a chunk and {folder}/chunk.pt is missing; "
+                         f"remove {folder}/runs and {folder}/snapshots to train again from the start")
         start = ["--resume", os.path.abspath(ckpt[0])] if ckpt else ["--env-id", env_id, *SAC_FLAGS]
         cmd = [sys.executable, f"{ROOT}/xql_sac.py", *start, "--stop-at", str(stop), "--no-cuda"]
         # one thread: with two, the same seed gives other SAC runs and so other datasets
@@ -64,7 +76,9 @@ def train_sac(env_id: str, folder: str, steps: int) -> dict:
         with open(log, "a") as out:
             if subprocess.run(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
                 sys.exit(f"error: SAC stopped before step {stop}; see {log}")
-        checkpoint = torch.load(glob.glob(f"{folder}/runs/*/checkpoint.pt")[0], weights_only=False)
+        (ckpt,) = glob.glob(f"{folder}/runs/*/checkpoint.pt")
+        shutil.copyfile(ckpt, f"{folder}/chunk.pt")  # where a stop inside the next chunk goes back to
+        checkpoint = torch.load(ckpt, weights_only=False)
         keep = {k: checkpoint[k] for k in ("script", "args", "run_name", "global_step", "actor")}
         torch.save(keep, f"{folder}/snapshots/{stop:07d}.pt")
         print(f"{env_id}: SAC at step {stop}, evaluation {evaluations(log).get(stop, float('nan')):.1f}")
