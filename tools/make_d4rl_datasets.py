@@ -77,10 +77,12 @@ def train_sac(env_id: str, folder: str, steps: int) -> dict:
             if subprocess.run(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
                 sys.exit(f"error: SAC stopped before step {stop}; see {log}")
         (ckpt,) = glob.glob(f"{folder}/runs/*/checkpoint.pt")
-        shutil.copyfile(ckpt, f"{folder}/chunk.pt")  # where a stop inside the next chunk goes back to
+        shutil.copyfile(ckpt, f"{folder}/chunk.pt.tmp")  # where a stop inside the next chunk goes back to
+        os.replace(f"{folder}/chunk.pt.tmp", f"{folder}/chunk.pt")  # renamed whole: a kill leaves the last
         checkpoint = torch.load(ckpt, weights_only=False)
         keep = {k: checkpoint[k] for k in ("script", "args", "run_name", "global_step", "actor")}
-        torch.save(keep, f"{folder}/snapshots/{stop:07d}.pt")
+        torch.save(keep, f"{folder}/snapshots/tmp.pt")
+        os.replace(f"{folder}/snapshots/tmp.pt", f"{folder}/snapshots/{stop:07d}.pt")  # a snapshot is whole
         print(f"{env_id}: SAC at step {stop}, evaluation {evaluations(log).get(stop, float('nan')):.1f}")
     evals = evaluations(log)
     return {s: evals[s] for s in range(CHUNK, steps + 1, CHUNK)}
