@@ -78,7 +78,7 @@ def train_sac(env_id: str, folder: str, steps: int) -> dict:
                 sys.exit(f"error: SAC stopped before step {stop}; see {log}")
         (ckpt,) = glob.glob(f"{folder}/runs/*/checkpoint.pt")
         shutil.copyfile(ckpt, f"{folder}/chunk.pt.tmp")  # where a stop inside the next chunk goes back to
-        os.replace(f"{folder}/chunk.pt.tmp", f"{folder}/chunk.pt")  # renamed whole: a kill leaves the last
+        os.replace(f"{folder}/chunk.pt.tmp", f"{folder}/chunk.pt")  # renamed: a kill mid-copy keeps the last whole one
         checkpoint = torch.load(ckpt, weights_only=False)
         keep = {k: checkpoint[k] for k in ("script", "args", "run_name", "global_step", "actor")}
         torch.save(keep, f"{folder}/snapshots/tmp.pt")
